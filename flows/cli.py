@@ -1,0 +1,237 @@
+"""The ``radrepo`` command line: synth, run, query and demo."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import duckdb
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from flows.secret import SecretError
+from schemas.config import ConfigError, RadrepoConfig, load_config, parse_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Build a de-identified, multi-site imaging research repository.")
+console = Console()
+err_console = Console(stderr=True)
+
+DEMO_SECRET_FILE = "demo-secret"
+
+
+def _fail(message: str, code: int) -> None:
+    err_console.print(f"radrepo: {message}", highlight=False, markup=False)
+    raise typer.Exit(code)
+
+
+def _pairs(values: list[str], option: str) -> dict[str, str]:
+    out = {}
+    for value in values:
+        site, sep, path = value.partition("=")
+        if not sep or not site or not path:
+            _fail(f"{option} expects SITE_ID=PATH, got {value!r}", 2)
+        out[site] = path
+    return out
+
+
+def _one_off_config(sources: list[str], clinical: list[str], remaps: list[str],
+                    release: Path | None, work: Path | None) -> RadrepoConfig:
+    from tasks.ingest import detect_source_kind
+
+    if release is None or work is None:
+        _fail("without a CONFIG file, --source, --release and --work are all required", 2)
+    source_paths = _pairs(sources, "--source")
+    clinical_paths = _pairs(clinical, "--clinical")
+    remap_paths = _pairs(remaps, "--remap")
+    for site in [*clinical_paths, *remap_paths]:
+        if site not in source_paths:
+            _fail(f"--clinical/--remap names site {site!r}, which has no --source", 2)
+    sites = []
+    for site, path in source_paths.items():
+        try:
+            kind = detect_source_kind(path)
+        except FileNotFoundError as err:
+            _fail(str(err), 2)
+        entry = {"site_id": site, "source": {"kind": kind, "path": path}}
+        if site in clinical_paths:
+            entry["clinical"] = {"path": clinical_paths[site]}
+        if site in remap_paths:
+            entry["id_remap"] = remap_paths[site]
+        sites.append(entry)
+    raw = {"release": str(release), "work_dir": str(work), "sites": sites}
+    return parse_config(raw, Path.cwd())
+
+
+def print_summaries(summaries: list[dict]) -> None:
+    """One line per batch with its accounting."""
+    if not summaries:
+        console.print("nothing to do: every batch found is already published")
+        return
+    table = Table("site", "batch", "status", "files in", "published", "excluded", "quarantined")
+    for s in summaries:
+        table.add_row(s["site_id"], s["batch_id"], s["status"], *(str(s.get(k, "")) for k in (
+            "files_in", "published", "excluded", "quarantined")))
+    console.print(table)
+    for s in summaries:
+        for label, key in (("excluded", "excluded_by_reason"),
+                           ("quarantined", "quarantined_by_reason")):
+            for reason, n in (s.get(key) or {}).items():
+                console.print(f"  {s['site_id']} {s['batch_id']}: {n} {label}: {reason}",
+                              highlight=False, markup=False)
+
+
+def _run_nightly(config: RadrepoConfig, sites: list[str] | None, batches: list[str] | None,
+                 force: bool) -> list[dict]:
+    from flows.nightly import nightly
+    from flows.secret import keys_from_env
+
+    keys_from_env(config.secret_env)
+    return nightly(config, sites=sites, batches=batches, force=force)
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Argument(help="folder to write the synthetic sites into")],
+    sites: Annotated[int, typer.Option(min=1)] = 3,
+    patients: Annotated[int, typer.Option(min=1)] = 4,
+    seed: int = 0,
+    ct_slices: Annotated[int, typer.Option(min=1)] = 6,
+    ct_size: Annotated[int, typer.Option(min=8)] = 64,
+    cr_size: Annotated[int, typer.Option(min=8)] = 96,
+) -> None:
+    """Write synthetic *identified* hospital exports (deterministic by seed)."""
+    from tasks.synth import synthesize
+
+    truth = synthesize(out, sites=sites, patients=patients, seed=seed, ct_slices=ct_slices,
+                       ct_size=ct_size, cr_size=cr_size)
+    for site_id, site in truth["sites"].items():
+        console.print(f"{site_id}: {site['layout']}, {len(site['files'])} files "
+                      f"-> {out / site['source']}", highlight=False)
+
+
+@app.command()
+def run(
+    config: Annotated[Path | None, typer.Argument(help="consortium YAML")] = None,
+    site: Annotated[list[str] | None, typer.Option(help="only this site (repeatable)")] = None,
+    batch: Annotated[list[str] | None, typer.Option(help="only this batch (repeatable)")] = None,
+    force: Annotated[bool, typer.Option(help="re-run batches already published")] = False,
+    source: Annotated[list[str] | None, typer.Option(help="SITE_ID=PATH (no CONFIG)")] = None,
+    clinical: Annotated[list[str] | None, typer.Option(help="SITE_ID=CSV (no CONFIG)")] = None,
+    remap: Annotated[list[str] | None, typer.Option(help="SITE_ID=CSV (no CONFIG)")] = None,
+    release: Annotated[Path | None, typer.Option(help="release folder (no CONFIG)")] = None,
+    work: Annotated[Path | None, typer.Option(help="private work folder (no CONFIG)")] = None,
+) -> None:
+    """Run every new batch (nightly), or the named sites/batches."""
+    try:
+        if config is not None:
+            if source or clinical or remap or release or work:
+                _fail("give either a CONFIG file or --source/--release/--work, not both", 2)
+            cfg = load_config(config)
+        else:
+            if not source:
+                _fail("give a CONFIG file, or --source SITE_ID=PATH with --release and --work", 2)
+            cfg = _one_off_config(source, clinical or [], remap or [], release, work)
+        for s in site or []:
+            cfg.site(s)
+        summaries = _run_nightly(cfg, site, batch, force)
+    except (ConfigError, SecretError) as err:
+        _fail(str(err), 2)
+    print_summaries(summaries)
+
+
+@app.command()
+def query(
+    release: Annotated[Path, typer.Argument(help="release folder")],
+    sql: Annotated[str, typer.Argument(help="SQL over the catalog views")],
+) -> None:
+    """Run SQL against the release catalog and print the result as a table."""
+    db = release / "catalog.duckdb"
+    if not db.exists():
+        _fail(f"no catalog at {db}: has a batch been published there?", 2)
+    with duckdb.connect(str(db), read_only=True) as con:
+        try:
+            result = con.execute(sql)
+        except duckdb.Error as err:
+            _fail(f"query failed: {str(err).splitlines()[0]}", 1)
+        columns = [d[0] for d in result.description]
+        rows = result.fetchall()
+    print_table(columns, rows)
+
+
+def print_table(columns: list[str], rows: list[tuple]) -> None:
+    table = Table(*columns)
+    for row in rows:
+        table.add_row(*("" if v is None else str(v) for v in row))
+    console.print(table)
+
+
+def _demo_secret(work: Path) -> None:
+    if os.environ.get("RADREPO_SECRET"):
+        console.print("using the secret in RADREPO_SECRET")
+        return
+    path = work / DEMO_SECRET_FILE
+    if not path.exists():
+        work.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_hex(32))
+        path.chmod(0o600)
+        console.print(f"generated a secret for the demo's synthetic data only: {path} "
+                      "(real runs take it from RADREPO_SECRET)", highlight=False)
+    os.environ["RADREPO_SECRET"] = path.read_text().strip()
+
+
+@app.command()
+def demo(
+    folder: Annotated[Path, typer.Argument(help="where the demo writes everything")] = Path(
+        "radrepo-demo"),
+    patients: Annotated[int, typer.Option(min=1)] = 4,
+    seed: int = 0,
+) -> None:
+    """Synthesize three sites, run the nightly flow on them, and query the catalog."""
+    from tasks.synth import synthesize
+
+    folder = folder.resolve()
+    truth = synthesize(folder / "sources", sites=3, patients=patients, seed=seed)
+    work = folder / "work"
+    _demo_secret(work)
+    sites = []
+    for site_id, site in truth["sites"].items():
+        sites.append({
+            "site_id": site_id,
+            "source": {"kind": {"zip_batches": "zip_batches", "tree": "folder",
+                                "flat": "flat"}[site["layout"]],
+                       "path": f"sources/{site['source']}"},
+            "clinical": {"path": f"sources/{site['clinical']}"},
+            "id_remap": f"sources/{site['remap']}",
+        })
+    config_path = folder / "radrepo.yaml"
+    config_path.write_text(yaml.safe_dump(
+        {"release": "release", "work_dir": "work", "sites": sites}, sort_keys=False))
+    console.print(f"config: {config_path}", highlight=False)
+    try:
+        summaries = _run_nightly(load_config(config_path), None, None, False)
+    except (ConfigError, SecretError) as err:
+        _fail(str(err), 2)
+    print_summaries(summaries)
+    release = folder / "release"
+    with duckdb.connect(str(release / "catalog.duckdb"), read_only=True) as con:
+        sql = ("SELECT site_id, status, count(*) AS studies, sum(n_instances) AS files "
+               "FROM studies GROUP BY ALL ORDER BY ALL")
+        console.print(f"\nper-site studies in the release:\n  {sql}", highlight=False)
+        result = con.execute(sql)
+        print_table([d[0] for d in result.description], result.fetchall())
+    console.print(f'\nquery it yourself: radrepo query {release} "SELECT * FROM studies"',
+                  highlight=False)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,172 @@
+"""The per-batch flow: ingest -> deidentify -> qc -> clinical_join -> dedupe -> publish.
+
+Only wiring lives here; each task is a thin wrapper over a plain function in ``tasks/``.
+Flow parameters carry ids and configuration, never a source path inside a batch or a
+header value, because Prefect stores parameters on its server.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from datetime import UTC, datetime
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from flows.cluster import dask_client
+from flows.secret import keys_from_env
+from schemas.catalog import CLINICAL, RUNS
+from schemas.config import RadrepoConfig
+from schemas.pipeline import DEIDENTIFIED_CLINICAL, QUARANTINED
+from tasks import catalog, clinical, dedupe, ingest, qc
+from tasks import publish as publishing
+from tasks.deidentify import (
+    DeidContext,
+    deidentify_batch,
+    deidentify_clinical,
+    load_remap,
+)
+from tasks.deidentify.profile import load_profile
+
+step = task(cache_policy=NO_CACHE, retries=0)
+
+
+class BatchNotFound(LookupError):
+    """The named batch is not in the source (or is still IN-PROGRESS)."""
+
+
+@step(name="ingest")
+def ingest_step(batch: ingest.BatchRef, source_url: str, work_dir: str) -> ingest.IngestResult:
+    return ingest.ingest_batch(batch, source_url, work_dir)
+
+
+@step(name="deidentify")
+def deidentify_step(index: pa.Table, ctx: DeidContext, scheduler: str | None,
+                    config: RadrepoConfig) -> pa.Table:
+    with dask_client(config.dask, scheduler) as client:
+        return deidentify_batch(index, ctx, client)
+
+
+@step(name="deidentify_clinical")
+def deidentify_clinical_step(config: RadrepoConfig, site_id: str, keys, remap):
+    site = config.site(site_id)
+    if site.clinical is None:
+        return DEIDENTIFIED_CLINICAL.empty_table(), CLINICAL.empty_table()
+    result = deidentify_clinical(site.clinical.path, site.clinical, keys, site_id, remap)
+    return result.patients, result.measurements
+
+
+@step(name="qc")
+def qc_step(deidentified: pa.Table, config: RadrepoConfig) -> qc.QcResult:
+    return qc.evaluate_qc(deidentified, config.qc.model_dump())
+
+
+@step(name="clinical_join")
+def clinical_join_step(deidentified: pa.Table, patients: pa.Table) -> pa.Table:
+    return clinical.join_clinical(deidentified, patients)
+
+
+@step(name="dedupe")
+def dedupe_step(deidentified: pa.Table, excluded: set[int], release: publishing.Release,
+                site_id: str, batch_id: str) -> dedupe.DedupeResult:
+    published = publishing.read_published(release, "instances", site_id, batch_id,
+                                          ["sop_uid", "sha256"])
+    return dedupe.find_duplicates(deidentified, excluded, published, batch_id)
+
+
+@step(name="publish")
+def publish_step(release: publishing.Release, site_id: str, batch_id: str,
+                 assembled: catalog.CatalogBatch, deidentified: pa.Table, run: pa.Table,
+                 run_id: str, work_dir: str) -> publishing.PublishResult:
+    by_path = {r["output_path"]: r for r in deidentified.select(
+        ["output_path", "size_bytes", "sha256"]).to_pylist()}
+    files = [(staged, rel, by_path[staged]["size_bytes"], by_path[staged]["sha256"])
+             for staged, rel in assembled.files]
+    result = publishing.publish_batch(release, site_id, batch_id, assembled.tables, files,
+                                      run, run_id)
+    publishing.refresh_catalog_db(release, work_dir)
+    return result
+
+
+def find_batch(config: RadrepoConfig, site_id: str, batch_id: str,
+               release: publishing.Release) -> ingest.BatchRef:
+    """The batch named ``batch_id``: as discovery left it, or found again in the source."""
+    pending = ingest.load_pending(config.work_dir, site_id, batch_id)
+    if pending is not None:
+        return pending
+    for batch in ingest.discover_batches(config.site(site_id), config.work_dir, set()):
+        if batch.batch_id == batch_id:
+            return batch
+    raise BatchNotFound(f"site {site_id}: no batch {batch_id!r} in the source "
+                        "(unknown, or still IN-PROGRESS)")
+
+
+def _run_table(run_id: str, site_profile: str, started: datetime, counts: dict) -> pa.Table:
+    return pa.Table.from_pylist([{
+        "run_id": run_id, "flow": "site_batch", "code_version": version("radrepo"),
+        "profile": site_profile, "started": started, "finished": datetime.now(UTC),
+        "files_in": counts["files_in"], "published": counts["published"],
+        "excluded": counts["excluded"], "quarantined": counts["quarantined"],
+        "counts": json.dumps(counts, sort_keys=True),
+    }], schema=RUNS)
+
+
+@flow(name="site_batch", log_prints=False)
+def site_batch(config: RadrepoConfig, site_id: str, batch_id: str, force: bool = False,
+               scheduler: str | None = None) -> dict[str, Any]:
+    """Take one batch of one site from its source to a published, COMPLETE release batch."""
+    logger = get_run_logger()
+    release = publishing.Release(config.release)
+    if release.is_complete(site_id, batch_id) and not force:
+        logger.info("site %s batch %s is already published; nothing to do", site_id, batch_id)
+        return {"site_id": site_id, "batch_id": batch_id, "status": "already published"}
+    started = datetime.now(UTC)
+    keys = keys_from_env(config.secret_env)
+    site = config.site(site_id)
+    batch = find_batch(config, site_id, batch_id, release)
+    run_id = str(flow_run.id or f"local-{started:%Y%m%dT%H%M%S}")
+
+    ingested = ingest_step(batch, site.source.path, config.work_dir)
+    remap = load_remap(site.id_remap)
+    staging = Path(config.work_dir) / site_id / "staging" / batch_id / "deidentified"
+    ctx = DeidContext(keys=keys, site_id=site_id, options=tuple(config.deid.options),
+                      remap=remap, out_dir=str(staging))
+    deidentified = deidentify_step(ingested.index, ctx, scheduler, config)
+    clinical_patients, measurements = deidentify_clinical_step(config, site_id, keys, remap)
+
+    qc_result = qc_step(deidentified, config)
+    links = clinical_join_step(deidentified, clinical_patients)
+    dups = dedupe_step(deidentified, set(qc_result.excluded), release, site_id, batch_id)
+
+    decided = catalog.dispositions(deidentified, qc_result.excluded, dups.excluded)
+    known = {r["patient_id"] for r in publishing.read_published(
+        release, "patients", site_id, batch_id, ["patient_id"]).to_pylist()}
+    index = ingested.index
+    ingest_quarantined = Counter(
+        index.filter(pc.equal(index["status"], QUARANTINED))["reason"].to_pylist())
+    assembled = catalog.assemble_catalog(
+        site_id=site_id, siteid=keys.siteid(site_id), files_in=index.num_rows,
+        ingest_quarantined=ingest_quarantined, deidentified=deidentified, decided=decided,
+        links=links, clinical_patients=clinical_patients, measurements=measurements,
+        qc_outcomes=qc_result.outcomes, duplicates=dups.rows, known_patients=known,
+    )
+    profile = load_profile(tuple(config.deid.options)).method_description
+    run = _run_table(run_id, profile, started, assembled.counts)
+    result = publish_step(release, site_id, batch_id, assembled, deidentified, run, run_id,
+                          config.work_dir)
+    ingest.record_ingested(batch, config.work_dir)
+    ingest.forget_pending(config.work_dir, site_id, batch_id)
+    ingest.clear_staging(config.work_dir, site_id, batch_id)
+    counts = assembled.counts
+    logger.info("site %s batch %s: %d files in, %d published, %d excluded, %d quarantined",
+                site_id, batch_id, counts["files_in"], counts["published"], counts["excluded"],
+                counts["quarantined"])
+    return {"site_id": site_id, "batch_id": batch_id, "status": "published", **counts,
+            "files_written": result.files_written, "files_unchanged": result.files_unchanged}

@@ -1,0 +1,174 @@
+"""The consortium configuration (YAML), validated by pydantic.
+
+Relative paths are resolved against the configuration file's folder. The HMAC secret is never
+part of the configuration: only the name of the environment variable that holds it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+SITE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, described in one line that names the offending key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceConfig(Strict):
+    kind: Literal["zip_batches", "folder", "flat"]
+    path: str
+
+
+class Measurement(Strict):
+    column: str
+    unit: str = ""
+
+
+class ClinicalConfig(Strict):
+    path: str
+    patient_id: str = "mrn"
+    index_date: str = "covid_encounter_date"
+    sex: str = "sex"
+    birth_date: str = "birth_date"
+    test_method: str = "test_method"
+    result: str = "rtpcr_result"
+    measurements: dict[str, Measurement] = Field(
+        default_factory=lambda: {
+            "wcc": Measurement(column="wcc", unit="10^9/L"),
+            "crp": Measurement(column="crp", unit="mg/L"),
+            "po2": Measurement(column="po2", unit="kPa"),
+        }
+    )
+
+
+class SiteConfig(Strict):
+    site_id: str = Field(pattern=SITE_ID_PATTERN)
+    source: SourceConfig
+    clinical: ClinicalConfig | None = None
+    id_remap: str | None = None
+
+
+class DaskConfig(Strict):
+    scheduler: str | None = None
+    workers: int = Field(default=2, ge=1)
+    threads_per_worker: int = Field(default=1, ge=1)
+
+
+class DeidConfig(Strict):
+    profile: Literal["basic"] = "basic"
+    options: tuple[
+        Literal[
+            "retain_long_modif_dates",
+            "retain_patient_chars",
+            "clean_descriptors",
+            "retain_device_identity",
+            "retain_safe_private",
+        ],
+        ...,
+    ] = ("retain_long_modif_dates", "retain_patient_chars", "clean_descriptors")
+
+
+class QcConfig(Strict):
+    allowed_modalities: tuple[str, ...] = ("CT", "CR", "DX")
+
+
+class RadrepoConfig(Strict):
+    release: str
+    work_dir: str
+    secret_env: str = "RADREPO_SECRET"
+    dask: DaskConfig = DaskConfig()
+    deid: DeidConfig = DeidConfig()
+    qc: QcConfig = QcConfig()
+    sites: list[SiteConfig] = Field(min_length=1)
+
+    @field_validator("sites")
+    @classmethod
+    def _unique_site_ids(cls, sites: list[SiteConfig]) -> list[SiteConfig]:
+        seen = [s.site_id for s in sites]
+        dupes = sorted({s for s in seen if seen.count(s) > 1})
+        if dupes:
+            raise ValueError(f"duplicate site_id {dupes[0]}")
+        return sites
+
+    def site(self, site_id: str) -> SiteConfig:
+        for s in self.sites:
+            if s.site_id == site_id:
+                return s
+        raise ConfigError(f"sites: no site with site_id {site_id!r}")
+
+
+def _resolve(path: str, base: Path) -> str:
+    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", path):
+        return path
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def _resolve_paths(raw: dict, base: Path) -> dict:
+    raw = dict(raw)
+    for key in ("release", "work_dir"):
+        if isinstance(raw.get(key), str):
+            raw[key] = _resolve(raw[key], base)
+    sites = []
+    for site in raw.get("sites") or []:
+        if not isinstance(site, dict):
+            sites.append(site)
+            continue
+        site = dict(site)
+        for block in ("source", "clinical"):
+            if isinstance(site.get(block), dict) and isinstance(site[block].get("path"), str):
+                site[block] = {**site[block], "path": _resolve(site[block]["path"], base)}
+        if isinstance(site.get("id_remap"), str):
+            site["id_remap"] = _resolve(site["id_remap"], base)
+        sites.append(site)
+    if "sites" in raw:
+        raw["sites"] = sites
+    return raw
+
+
+def describe_validation_error(err: ValidationError) -> str:
+    """The first error as one line: dotted key path, then what is wrong with it."""
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif first["type"] == "missing":
+        msg = "required key is missing"
+    more = len(err.errors()) - 1
+    return f"{where}: {msg}" + (f" (and {more} more)" if more else "")
+
+
+def parse_config(raw: object, base: Path) -> RadrepoConfig:
+    """Validate an already-loaded mapping; relative paths resolve against ``base``."""
+    if not isinstance(raw, dict):
+        raise ConfigError("(top level): expected a mapping of keys")
+    try:
+        return RadrepoConfig.model_validate(_resolve_paths(raw, base))
+    except ValidationError as err:
+        raise ConfigError(describe_validation_error(err)) from None
+
+
+def load_config(path: Path) -> RadrepoConfig:
+    """Read and validate a YAML configuration file."""
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read configuration {path}: {err.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"configuration is not valid YAML{where}") from None
+    return parse_config(raw, Path(path).resolve().parent)

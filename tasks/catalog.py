@@ -1,0 +1,174 @@
+"""Assemble a batch's catalog tables (the marts) from what the curation steps decided.
+
+Every file gets exactly one disposition: quarantined (unusable), excluded (QC or duplicate,
+with the reason), or published. The counts are checked to add up before anything is written.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from schemas import catalog as cat
+from schemas.pipeline import QUARANTINED
+
+PUBLISHED = "published"
+EXCLUDED = "excluded"
+
+
+class AccountingError(RuntimeError):
+    """Files in != published + excluded + quarantined: the run must stop, loudly."""
+
+
+@dataclass(frozen=True)
+class CatalogBatch:
+    """The tables of one batch, the files to publish, and the batch's accounting."""
+
+    tables: dict[str, pa.Table]
+    files: list[tuple[str, str]]
+    counts: dict
+
+
+def dicom_path(site_id: str, row: dict) -> str:
+    """Where a published file lives in the release (pseudonymous names only)."""
+    return (f"dicom/{site_id}/{row['patient_id']}/{row['study_uid']}/"
+            f"{row['series_uid']}/{row['sop_uid']}.dcm")
+
+
+def dispositions(deidentified: pa.Table, qc_excluded: dict[int, str],
+                 dup_excluded: dict[int, str]) -> dict[int, tuple[str, str | None]]:
+    """seq -> (disposition, reason); quarantine first, then QC, then duplicates."""
+    out: dict[int, tuple[str, str | None]] = {}
+    for row in deidentified.select(["seq", "status", "reason"]).to_pylist():
+        seq = row["seq"]
+        if row["status"] == QUARANTINED:
+            out[seq] = (QUARANTINED, row["reason"])
+        elif seq in qc_excluded:
+            out[seq] = (EXCLUDED, f"qc:{qc_excluded[seq]}")
+        elif seq in dup_excluded:
+            out[seq] = (EXCLUDED, f"duplicate:{dup_excluded[seq]}")
+        else:
+            out[seq] = (PUBLISHED, None)
+    return out
+
+
+def _status(reasons: list[str | None]) -> tuple[str, str | None]:
+    if any(r is None for r in reasons):
+        return PUBLISHED, None
+    return EXCLUDED, Counter(reasons).most_common(1)[0][0]
+
+
+def assemble_catalog(
+    *,
+    site_id: str,
+    siteid: str,
+    files_in: int,
+    ingest_quarantined: Counter,
+    deidentified: pa.Table,
+    decided: dict[int, tuple[str, str | None]],
+    links: pa.Table,
+    clinical_patients: pa.Table,
+    measurements: pa.Table,
+    qc_outcomes: pa.Table,
+    duplicates: pa.Table,
+    known_patients: set[str],
+) -> CatalogBatch:
+    """Build every catalog table of the batch and check that the file counts add up."""
+    rows = [r for r in deidentified.to_pylist() if decided[r["seq"]][0] != QUARANTINED]
+    reason_of = {r["seq"]: decided[r["seq"]][1] for r in rows}
+    published = [r for r in rows if decided[r["seq"]][0] == PUBLISHED]
+
+    instances = [
+        {**{k: r[k] for k in ("sop_uid", "series_uid", "study_uid", "sop_class_uid",
+                              "instance_number", "size_bytes", "sha256", "pixel_sha256",
+                              "rows", "columns", "transfer_syntax")},
+         "path": dicom_path(site_id, r)}
+        for r in published
+    ]
+    files = [(r["output_path"], dicom_path(site_id, r)) for r in published]
+
+    by_series: dict[str, list[dict]] = defaultdict(list)
+    by_study: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_series[r["series_uid"]].append(r)
+        by_study[r["study_uid"]].append(r)
+
+    series = []
+    for uid, members in sorted(by_series.items()):
+        status, reason = _status([reason_of[m["seq"]] for m in members])
+        first = members[0]
+        thickness = [m["slice_thickness"] for m in members if m["slice_thickness"] is not None]
+        series.append({
+            "series_uid": uid, "study_uid": first["study_uid"], "modality": first["modality"],
+            "body_part": first["body_part"], "view_position": first["view_position"],
+            "slice_thickness": min(thickness) if thickness else None,
+            "description": first["series_description"], "image_type": first["image_type"],
+            "n_instances": sum(reason_of[m["seq"]] is None for m in members),
+            "status": status, "reason": reason,
+        })
+
+    link_of = {r["study_uid"]: r for r in links.to_pylist()}
+    studies = []
+    for uid, members in sorted(by_study.items()):
+        status, reason = _status([reason_of[m["seq"]] for m in members])
+        kept = [m for m in members if reason_of[m["seq"]] is None]
+        times = sorted(m["study_time"] for m in members if m["study_time"])
+        link = link_of.get(uid, {})
+        studies.append({
+            "study_uid": uid, "patient_id": members[0]["patient_id"], "siteid": siteid,
+            "study_date": link.get("study_date"), "study_time": times[0] if times else None,
+            "days_from_index": link.get("days_from_index"),
+            "modalities": ",".join(sorted({m["modality"] for m in members if m["modality"]})),
+            "description": next((m["study_description"] for m in members
+                                 if m["study_description"]), None),
+            "n_series": len({m["series_uid"] for m in kept}), "n_instances": len(kept),
+            "status": status, "reason": reason,
+        })
+
+    clinical_by_patient = {r["patient_id"]: r for r in clinical_patients.to_pylist()}
+    new_patients = sorted({r["patient_id"] for r in published} - known_patients)
+    patients = []
+    for pid in new_patients:
+        clin = clinical_by_patient.get(pid)
+        patients.append({
+            "patient_id": pid, "siteid": siteid,
+            "sex": clin["sex"] if clin else None,
+            "age_at_index": clin["age_at_index"] if clin else None,
+            "covid_status": clin["covid_status"] if clin else None,
+            "test_method": clin["test_method"] if clin else None,
+            "index_date": clin["index_date"] if clin else None,
+            "has_clinical": clin is not None,
+        })
+    new_set = set(new_patients)
+    clinical = [m for m in measurements.to_pylist() if m["patient_id"] in new_set]
+
+    n_quarantined = sum(ingest_quarantined.values()) + sum(
+        1 for d, _ in decided.values() if d == QUARANTINED)
+    excluded_reasons = Counter(reason_of[r["seq"]] for r in rows if reason_of[r["seq"]])
+    counts = {
+        "files_in": files_in,
+        "published": len(published),
+        "excluded": sum(excluded_reasons.values()),
+        "quarantined": n_quarantined,
+        "excluded_by_reason": dict(sorted(excluded_reasons.items())),
+        "quarantined_by_reason": dict(sorted((ingest_quarantined + Counter(
+            r for d, r in decided.values() if d == QUARANTINED)).items())),
+        "patients_without_clinical": sum(1 for p in patients if not p["has_clinical"]),
+    }
+    if counts["files_in"] != counts["published"] + counts["excluded"] + counts["quarantined"]:
+        raise AccountingError(
+            f"files in ({counts['files_in']}) != published ({counts['published']}) + excluded "
+            f"({counts['excluded']}) + quarantined ({counts['quarantined']})"
+        )
+    tables = {
+        "patients": pa.Table.from_pylist(patients, schema=cat.PATIENTS),
+        "studies": pa.Table.from_pylist(studies, schema=cat.STUDIES),
+        "series": pa.Table.from_pylist(series, schema=cat.SERIES),
+        "instances": pa.Table.from_pylist(instances, schema=cat.INSTANCES),
+        "clinical": pa.Table.from_pylist(clinical, schema=cat.CLINICAL),
+        "qc": qc_outcomes,
+        "duplicates": duplicates,
+    }
+    return CatalogBatch(tables=tables, files=files, counts=counts)

@@ -1,0 +1,59 @@
+"""De-identification: the one door PHI may not pass.
+
+``deidentify_batch`` fans the batch out as one Dask task per study; what comes back (and the
+files written to the staging folder) carries pseudonyms only.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from schemas.pipeline import DEIDENTIFIED, OK
+from tasks.deidentify.clinical import DeidentifiedClinical, deidentify_clinical
+from tasks.deidentify.keys import PseudonymKeys
+from tasks.deidentify.remap import load_remap
+from tasks.deidentify.study import DeidContext, SourceFile, deidentify_study
+
+__all__ = [
+    "DeidContext",
+    "DeidentifiedClinical",
+    "PseudonymKeys",
+    "deidentify_batch",
+    "deidentify_clinical",
+    "load_remap",
+]
+
+
+def study_groups(index: pa.Table) -> list[list[SourceFile]]:
+    """Ingested objects grouped by original Study Instance UID, in ingest order."""
+    groups: dict[str, list[SourceFile]] = defaultdict(list)
+    for row in index.filter(pc.equal(index["status"], OK)).to_pylist():
+        groups[row["study_uid"] or ""].append(
+            SourceFile(
+                seq=row["seq"],
+                object_id=row["object_id"],
+                staged_path=row["staged_path"],
+                exam_id=row["exam_id"],
+                exam_time=row["exam_time"],
+                member_path=row["member_path"],
+            )
+        )
+    return list(groups.values())
+
+
+def deidentify_batch(index: pa.Table, ctx: DeidContext, client=None) -> pa.Table:
+    """De-identify every readable object of a batch; one Dask task per study when ``client``."""
+    Path(ctx.out_dir).mkdir(parents=True, exist_ok=True)
+    groups = study_groups(index)
+    if client is None:
+        results = [deidentify_study(g, ctx) for g in groups]
+    else:
+        [ctx_future] = client.scatter([ctx], broadcast=True)
+        futures = client.map(deidentify_study, groups, ctx=ctx_future, pure=False)
+        results = client.gather(futures)
+    rows = sorted((r for study in results for r in study), key=lambda r: r["seq"])
+    return pa.Table.from_pylist(rows, schema=DEIDENTIFIED)

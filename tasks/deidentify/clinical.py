@@ -1,0 +1,114 @@
+"""De-identify a site's EMR export: the clinical half of the one door PHI may not pass.
+
+Patient IDs get the same pseudonym as the images, dates the same per-patient shift; only
+mapped, typed columns come out (free text never does). Ages above 89 are reported as 90.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+
+import pyarrow as pa
+
+from schemas.catalog import CLINICAL
+from schemas.config import ClinicalConfig
+from schemas.pipeline import DEIDENTIFIED_CLINICAL
+from tasks.deidentify.keys import PseudonymKeys, normalize_patient_id
+from tasks.deidentify.remap import current_id
+
+COVID_STATUS = {"positive": "positive", "pos": "positive", "detected": "positive",
+                "negative": "negative", "neg": "negative", "not detected": "negative"}
+
+
+class ClinicalError(ValueError):
+    """The clinical export cannot be used; the message names a column, never a value."""
+
+
+@dataclass
+class DeidentifiedClinical:
+    patients: pa.Table
+    measurements: pa.Table
+    rows_read: int = 0
+    rows_skipped: dict[str, int] = field(default_factory=dict)
+
+
+def _parse_date(text: str) -> date | None:
+    text = (text or "").strip()
+    for fmt in ("%Y-%m-%d", "%Y%m%d", "%m/%d/%Y"):
+        try:
+            return datetime.strptime(text, fmt).date()
+        except ValueError:
+            continue
+    return None
+
+
+def _age(birth: date | None, at: date | None) -> int | None:
+    if not birth or not at:
+        return None
+    years = at.year - birth.year - ((at.month, at.day) < (birth.month, birth.day))
+    return min(years, 90) if years >= 0 else None
+
+
+def _float(text: str | None) -> float | None:
+    try:
+        return float(text) if text not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def deidentify_clinical(
+    path: str, cfg: ClinicalConfig, keys: PseudonymKeys, site_id: str, remap: dict[str, str]
+) -> DeidentifiedClinical:
+    """Read a CSV export and return pseudonymized patient rows and long-form measurements."""
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        header = set(reader.fieldnames or ())
+        wanted = [cfg.patient_id, cfg.index_date, cfg.sex, cfg.birth_date, cfg.test_method,
+                  cfg.result] + [m.column for m in cfg.measurements.values()]
+        for column in wanted:
+            if column not in header:
+                raise ClinicalError(f"clinical export has no column {column!r}")
+        raw_rows = list(reader)
+
+    patients: dict[str, dict] = {}
+    measurements: list[dict] = []
+    skipped: dict[str, int] = {}
+    for row in raw_rows:
+        source_id = normalize_patient_id(row[cfg.patient_id] or "")
+        index_day = _parse_date(row[cfg.index_date])
+        if not source_id:
+            skipped["no patient id"] = skipped.get("no patient id", 0) + 1
+            continue
+        if index_day is None:
+            skipped["no index date"] = skipped.get("no index date", 0) + 1
+            continue
+        key = current_id(source_id, remap)
+        pseudonym = keys.patient_id(site_id, key)
+        if pseudonym in patients:
+            skipped["repeated patient"] = skipped.get("repeated patient", 0) + 1
+            continue
+        offset = timedelta(days=keys.date_offset_days(site_id, key))
+        result = (row[cfg.result] or "").strip().lower()
+        patients[pseudonym] = {
+            "patient_id": pseudonym,
+            "index_date": index_day + offset,
+            "sex": (row[cfg.sex] or "").strip().upper()[:1] or None,
+            "age_at_index": _age(_parse_date(row[cfg.birth_date]), index_day),
+            "covid_status": COVID_STATUS.get(result, "unknown"),
+            "test_method": (row[cfg.test_method] or "").strip() or None,
+        }
+        for name, m in cfg.measurements.items():
+            value = _float(row[m.column])
+            if value is not None:
+                measurements.append(
+                    {"patient_id": pseudonym, "name": name, "value": value, "unit": m.unit,
+                     "day": 0}
+                )
+    return DeidentifiedClinical(
+        patients=pa.Table.from_pylist(list(patients.values()), schema=DEIDENTIFIED_CLINICAL),
+        measurements=pa.Table.from_pylist(measurements, schema=CLINICAL),
+        rows_read=len(raw_rows),
+        rows_skipped=skipped,
+    )

@@ -1,0 +1,200 @@
+"""Apply a resolved profile to one pydicom dataset, nested sequences included.
+
+The profile says what to do with each attribute; this module only knows how to do it for
+each value representation (shift a date, remap a UID, empty a name, clean a description).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import date, timedelta
+
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+
+from tasks.deidentify.profile import Profile
+
+DUMMY_BY_VR: dict[str, object] = {
+    "AE": "ANONYMOUS",
+    "AS": "000D",
+    "CS": "ANONYMIZED",
+    "DA": "19000101",
+    "DS": "0",
+    "DT": "19000101000000",
+    "IS": "0",
+    "LO": "ANONYMIZED",
+    "LT": "ANONYMIZED",
+    "PN": "ANONYMIZED",
+    "SH": "ANONYMIZED",
+    "ST": "ANONYMIZED",
+    "TM": "000000",
+    "UC": "ANONYMIZED",
+    "UR": "ANONYMIZED",
+    "UT": "ANONYMIZED",
+}
+TEXT_VRS = frozenset({"LO", "LT", "SH", "ST", "UC", "UT", "PN"})
+_LONG_NUMBER = re.compile(r"\d{5,}")
+_DATE_LIKE = re.compile(r"\b\d{1,4}[-/.]\d{1,2}[-/.]\d{1,4}\b")
+_SPACES = re.compile(r"\s{2,}")
+
+
+@dataclass(frozen=True)
+class PatientContext:
+    """What the engine needs to know about the file's patient to rewrite it."""
+
+    pseudonym: str
+    siteid: str
+    offset_days: int
+    identifiers: tuple[str, ...]
+
+
+def shift_da(value: str, offset_days: int) -> str:
+    """Shift a DA value; an unparseable one becomes empty rather than pass through."""
+    value = value.strip()
+    try:
+        day = date(int(value[:4]), int(value[4:6]), int(value[6:8]))
+    except (ValueError, IndexError):
+        return ""
+    if len(value) != 8:
+        return ""
+    return (day + timedelta(days=offset_days)).strftime("%Y%m%d")
+
+
+def shift_dt(value: str, offset_days: int) -> str:
+    """Shift the date part of a DT value and keep its time part; unparseable becomes empty."""
+    value = value.strip()
+    if len(value) < 8:
+        return ""
+    shifted = shift_da(value[:8], offset_days)
+    return shifted + value[8:] if shifted else ""
+
+
+def clean_text(value: str, identifiers: tuple[str, ...]) -> str:
+    """Drop known identifiers, long digit runs and date-like tokens from a descriptor."""
+    text = value
+    for ident in identifiers:
+        text = re.sub(re.escape(ident), " ", text, flags=re.IGNORECASE)
+    text = _LONG_NUMBER.sub(" ", text)
+    text = _DATE_LIKE.sub(" ", text)
+    return _SPACES.sub(" ", text).strip(" ,;:-^")
+
+
+def identifying_values(ds: Dataset) -> tuple[str, ...]:
+    """The identifiers in a file that descriptors must not repeat, longest first."""
+    found: set[str] = set()
+    for keyword in (
+        "PatientName",
+        "OtherPatientNames",
+        "PatientBirthName",
+        "PatientMotherBirthName",
+        "ReferringPhysicianName",
+        "PerformingPhysicianName",
+        "OperatorsName",
+        "NameOfPhysiciansReadingStudy",
+    ):
+        for name in _values(ds, keyword):
+            text = str(name)
+            found.add(text)
+            found.update(p for p in re.split(r"[\^= ]+", text) if len(p) >= 2)
+    for keyword in (
+        "PatientID",
+        "OtherPatientIDs",
+        "AccessionNumber",
+        "PatientBirthDate",
+        "InstitutionName",
+        "PatientAddress",
+        "StudyID",
+    ):
+        found.update(str(v) for v in _values(ds, keyword) if len(str(v)) >= 2)
+    return tuple(sorted(found, key=len, reverse=True))
+
+
+def _values(ds: Dataset, keyword: str) -> list[object]:
+    elem = ds.data_element(keyword) if keyword in ds else None
+    if elem is None or elem.VR == "SQ" or elem.value in (None, ""):
+        return []
+    return list(elem.value) if elem.VM > 1 else [elem.value]
+
+
+def deidentify_dataset(ds: Dataset, profile: Profile, patient: PatientContext, uid_map) -> None:
+    """Rewrite ``ds`` in place: every element gets its profile action, sequences recursively."""
+    for tag in list(ds.keys()):
+        elem = ds[tag]
+        action = profile.action(int(tag))
+        if action == "X":
+            del ds[tag]
+        elif action == "computed":
+            continue
+        elif elem.VR == "SQ":
+            _apply_to_sequence(ds, tag, elem, action, profile, patient, uid_map)
+        else:
+            _apply_to_value(ds, tag, elem, action, patient, uid_map)
+
+
+def _apply_to_sequence(ds, tag, elem, action, profile, patient, uid_map) -> None:
+    if action == "Z":
+        elem.value = Sequence()
+        return
+    for item in elem.value:
+        deidentify_dataset(item, profile, patient, uid_map)
+
+
+def _apply_to_value(ds, tag, elem: DataElement, action: str, patient, uid_map) -> None:
+    if elem.value is None or elem.value == "":
+        return
+    if action == "Z":
+        elem.value = None
+    elif action == "D":
+        if elem.VR == "UI":
+            elem.value = _map_uids(elem, uid_map)
+        else:
+            elem.value = DUMMY_BY_VR.get(elem.VR)
+    elif action == "U":
+        elem.value = _map_uids(elem, uid_map)
+    elif action == "C":
+        _clean(ds, tag, elem, patient)
+
+
+def _map_uids(elem: DataElement, uid_map):
+    if elem.VM > 1:
+        return [uid_map(str(v)) for v in elem.value]
+    return uid_map(str(elem.value))
+
+
+def _clean(ds: Dataset, tag, elem: DataElement, patient: PatientContext) -> None:
+    if elem.VR == "DA":
+        elem.value = _each(elem, lambda v: shift_da(v, patient.offset_days))
+    elif elem.VR == "DT":
+        elem.value = _each(elem, lambda v: shift_dt(v, patient.offset_days))
+    elif elem.VR in TEXT_VRS:
+        cleaned = _each(elem, lambda v: clean_text(str(v), patient.identifiers))
+        if cleaned in ("", []) or (isinstance(cleaned, list) and not any(cleaned)):
+            elem.value = None
+        else:
+            elem.value = cleaned
+    # other VRs (times, codes, numbers) carry no identity once dates have moved: kept
+
+
+def _each(elem: DataElement, fn):
+    if elem.VM > 1:
+        return [fn(str(v)) for v in elem.value]
+    return fn(str(elem.value))
+
+
+def set_computed(ds: Dataset, profile: Profile, patient: PatientContext) -> None:
+    """Fill the attributes radrepo computes (pseudonyms, SITEID, method) after the walk."""
+    values = {"pseudonym": patient.pseudonym, "siteid": patient.siteid}
+    for tag, what in profile.computed.items():
+        ds.add_new(tag, dictionary_VR(tag), values.get(what, what))
+    ds.DeidentificationMethod = profile.method_description
+    codes = []
+    for value, meaning in profile.method_codes:
+        item = Dataset()
+        item.CodeValue = value
+        item.CodingSchemeDesignator = "DCM"
+        item.CodeMeaning = meaning
+        codes.append(item)
+    ds.DeidentificationMethodCodeSequence = Sequence(codes)

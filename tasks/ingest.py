@@ -1,0 +1,383 @@
+"""Ingest: find a site's new batches, list every object in one, and index it in the private zone.
+
+Sources are fsspec URLs (local folders by default). Zip archives are read member by member and
+staged under the work folder by an opaque object id, never by their (identifying) names. Every
+object ends up in the source index as ``ok`` or ``quarantined`` with one clear reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+
+from schemas.config import SiteConfig
+from schemas.pipeline import LEDGER, OK, QUARANTINE, QUARANTINED, SOURCE_INDEX
+
+BATCH_FOLDER = re.compile(r"^(?P<batch>.+?)-(?P<state>COMPLETE|IN-PROGRESS)$")
+ZIP_NAME = re.compile(
+    r"^(?P<patient>[^_]+)_(?P<time>\d{8}-\d{6})_(?P<exam>[^_]+)_(?P<description>.+)\.zip$",
+    re.IGNORECASE,
+)
+DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
+HEADER_TAGS = [
+    "PatientID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "SOPClassUID",
+    "Modality",
+    "StudyDate",
+]
+CHUNK = 1 << 20
+MAX_MEMBER_BYTES = 4 << 30
+MAX_COMPRESSION_RATIO = 200
+
+
+@dataclass(frozen=True)
+class SourceObject:
+    """One file in a source as discovery saw it (``sha256`` only where discovery hashed it)."""
+
+    key: str
+    size: int
+    mtime_ns: int
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class BatchRef:
+    """A batch found in a source: which objects belong to it and where they live."""
+
+    site_id: str
+    batch_id: str
+    root: str
+    objects: tuple[SourceObject, ...]
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    index: pa.Table
+    quarantine: pa.Table
+
+
+def site_work_dir(work_dir: str, site_id: str) -> Path:
+    return Path(work_dir) / site_id
+
+
+def _list_files(fs, root: str) -> dict[str, dict]:
+    """Relative key -> fsspec info for every file under ``root`` (sorted, forward slashes)."""
+    root = root.rstrip("/")
+    if not fs.exists(root):
+        raise FileNotFoundError(f"source folder does not exist: {root}")
+    found = fs.find(root, detail=True, withdirs=False)
+    return {p[len(root) + 1 :]: info for p, info in sorted(found.items()) if p != root}
+
+
+def discover_batches(site: SiteConfig, work_dir: str, published: set[str]) -> list[BatchRef]:
+    """The site's batches not yet published, oldest name first (IN-PROGRESS folders wait)."""
+    fs, root = fsspec.core.url_to_fs(site.source.path)
+    files = _list_files(fs, root)
+    if site.source.kind == "zip_batches":
+        by_batch: dict[str, list[SourceObject]] = {}
+        for key, info in files.items():
+            folder = key.split("/", 1)[0]
+            if "/" not in key:
+                continue
+            match = BATCH_FOLDER.match(folder)
+            if match and match["state"] == "IN-PROGRESS":
+                continue
+            batch_id = match["batch"] if match else folder
+            obj = SourceObject(key, info["size"], _mtime_ns(info))
+            by_batch.setdefault(batch_id, []).append(obj)
+        return [
+            BatchRef(site.site_id, b, root, tuple(objs))
+            for b, objs in sorted(by_batch.items())
+            if b not in published
+        ]
+    ledger = read_ledger(work_dir, site.site_id)
+    known = {row["key"]: row for row in ledger.to_pylist()}
+    new: list[SourceObject] = []
+    fingerprint = hashlib.sha256()
+    for key, info in files.items():
+        seen = known.get(key)
+        if seen and seen["size"] == info["size"] and seen["mtime_ns"] == _mtime_ns(info):
+            continue
+        digest = _hash_file(fs, f"{root}/{key}")
+        if seen and seen["sha256"] == digest:
+            continue
+        new.append(SourceObject(key, info["size"], _mtime_ns(info), digest))
+        fingerprint.update(f"{key}\t{digest}\n".encode())
+    if not new:
+        return []
+    batch_id = f"{site.source.kind}-{fingerprint.hexdigest()[:12]}"
+    if batch_id in published:
+        return []
+    return [BatchRef(site.site_id, batch_id, root, tuple(new))]
+
+
+def _mtime_ns(info: dict) -> int:
+    mtime = info.get("mtime") or info.get("LastModified") or 0
+    if hasattr(mtime, "timestamp"):
+        mtime = mtime.timestamp()
+    return int(float(mtime) * 1e9)
+
+
+def _hash_file(fs, path: str) -> str:
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class _Objects:
+    """Accumulates index and quarantine rows while a batch is walked."""
+
+    def __init__(self, batch: BatchRef, work: Path):
+        self.batch = batch
+        self.staging = work / "staging" / batch.batch_id / "source"
+        self.quarantine_dir = work / "quarantine" / batch.batch_id
+        self.rows: list[dict] = []
+        self.quarantined: list[dict] = []
+
+    def next_id(self) -> str:
+        return f"o{len(self.rows):07d}"
+
+    def add(self, key: str, **fields) -> dict:
+        row = {"seq": len(self.rows), "object_id": self.next_id(), "key": key, **fields}
+        self.rows.append(row)
+        return row
+
+    def quarantine(self, key: str, reason: str, data_path: str | None = None, **fields) -> None:
+        row = self.add(key, status=QUARANTINED, reason=reason, **fields)
+        if data_path and os.path.exists(data_path):
+            self.quarantine_dir.mkdir(parents=True, exist_ok=True)
+            target = self.quarantine_dir / row["object_id"]
+            if os.path.abspath(data_path) != str(target):
+                shutil.copyfile(data_path, target)
+        self.quarantined.append(
+            {"object_id": row["object_id"], "key": key, "stage": "ingest", "reason": reason}
+        )
+
+
+def _header(path: str) -> dict:
+    """The header fields later steps need; raises for anything that is not usable DICOM."""
+    ds = dcmread(path, stop_before_pixels=True, specific_tags=HEADER_TAGS)
+    meta_class = str(ds.file_meta.get("MediaStorageSOPClassUID", ""))
+    if meta_class == DICOMDIR_CLASS:
+        raise _Unusable("DICOMDIR index file (not an image)")
+    values = {kw: str(ds.get(kw) or "").strip() or None for kw in HEADER_TAGS}
+    if not values["SOPInstanceUID"]:
+        raise _Unusable("no SOP Instance UID")
+    return {
+        "patient_id": values["PatientID"],
+        "study_uid": values["StudyInstanceUID"],
+        "series_uid": values["SeriesInstanceUID"],
+        "sop_uid": values["SOPInstanceUID"],
+        "sop_class_uid": values["SOPClassUID"],
+        "modality": values["Modality"],
+        "study_date": values["StudyDate"],
+    }
+
+
+class _Unusable(Exception):
+    pass
+
+
+def _index_staged(objects: _Objects, key: str, path: str, size: int, digest: str, extra: dict):
+    try:
+        header = _header(path)
+    except _Unusable as err:
+        objects.quarantine(key, str(err), path, size=size, sha256=digest, **extra)
+        return
+    except InvalidDicomError:
+        objects.quarantine(key, "not DICOM", path, size=size, sha256=digest, **extra)
+        return
+    except Exception as err:  # noqa: BLE001 - any parse failure quarantines the object
+        reason = f"unreadable DICOM header ({type(err).__name__})"
+        objects.quarantine(key, reason, path, size=size, sha256=digest, **extra)
+        return
+    objects.add(key, staged_path=path, size=size, sha256=digest, status=OK, reason=None,
+                **header, **extra)
+
+
+def _stream_to(src, dest: Path) -> tuple[int, str]:
+    h = hashlib.sha256()
+    size = 0
+    with dest.open("wb") as out:
+        while chunk := src.read(CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+            out.write(chunk)
+    return size, h.hexdigest()
+
+
+def _exam_fields(zip_key: str, member: str) -> dict:
+    match = ZIP_NAME.match(zip_key.rsplit("/", 1)[-1])
+    if not match:
+        return {"member_path": member}
+    return {
+        "exam_id": match["exam"],
+        "exam_time": match["time"],
+        "exam_description": match["description"],
+        "member_path": member,
+    }
+
+
+def _ingest_zip(objects: _Objects, fs, path: str, key: str) -> None:
+    try:
+        with fs.open(path, "rb") as raw, zipfile.ZipFile(raw) as archive:
+            for info in sorted(archive.infolist(), key=lambda i: i.filename):
+                if info.is_dir():
+                    continue
+                _ingest_member(objects, archive, info, key)
+    except (zipfile.BadZipFile, EOFError, OSError) as err:
+        objects.quarantine(key, f"corrupt zip archive ({type(err).__name__})",
+                           path if isinstance(fs, LocalFileSystem) else None)
+
+
+def _ingest_member(objects: _Objects, archive, info: zipfile.ZipInfo, zip_key: str) -> None:
+    key = f"{zip_key}!{info.filename}"
+    extra = _exam_fields(zip_key, info.filename)
+    if info.flag_bits & 0x1:
+        objects.quarantine(key, "encrypted zip entry", **extra)
+        return
+    if info.file_size > MAX_MEMBER_BYTES:
+        objects.quarantine(key, "zip entry larger than the size limit", **extra)
+        return
+    if info.compress_size and info.file_size / info.compress_size > MAX_COMPRESSION_RATIO:
+        objects.quarantine(key, "zip entry compression ratio too high (zip bomb)", **extra)
+        return
+    staged = objects.staging / objects.next_id()
+    try:
+        with archive.open(info) as member:
+            size, digest = _stream_to(member, staged)
+    except (zipfile.BadZipFile, EOFError, OSError, RuntimeError) as err:
+        staged.unlink(missing_ok=True)
+        objects.quarantine(key, f"corrupt zip entry ({type(err).__name__})", **extra)
+        return
+    _index_staged(objects, key, str(staged), size, digest, extra)
+
+
+def _ingest_file(objects: _Objects, fs, root: str, key: str) -> None:
+    path = f"{root}/{key}"
+    local = isinstance(fs, LocalFileSystem)
+    try:
+        if local:
+            real_root = os.path.realpath(root)
+            if os.path.commonpath([os.path.realpath(path), real_root]) != real_root:
+                objects.quarantine(key, "symlink leads outside the source folder")
+                return
+        with fs.open(path, "rb") as fh:
+            if fh.read(4) == b"PK\x03\x04":
+                _ingest_zip(objects, fs, path, key)
+                return
+        if local:
+            size, digest = os.path.getsize(path), _hash_file(fs, path)
+            staged = path
+        else:
+            staged_path = objects.staging / objects.next_id()
+            with fs.open(path, "rb") as fh:
+                size, digest = _stream_to(fh, staged_path)
+            staged = str(staged_path)
+    except FileNotFoundError:
+        objects.quarantine(key, "file vanished during ingest")
+        return
+    _index_staged(objects, key, staged, size, digest, {})
+
+
+def ingest_batch(batch: BatchRef, source_url: str, work_dir: str) -> IngestResult:
+    """Index every object of a batch; write the index and quarantine list to the private zone."""
+    fs, _ = fsspec.core.url_to_fs(source_url)
+    work = site_work_dir(work_dir, batch.site_id)
+    objects = _Objects(batch, work)
+    if objects.staging.exists():
+        shutil.rmtree(objects.staging)
+    objects.staging.mkdir(parents=True)
+    for obj in batch.objects:
+        _ingest_file(objects, fs, batch.root, obj.key)
+    index = pa.Table.from_pylist(objects.rows, schema=SOURCE_INDEX)
+    quarantine = pa.Table.from_pylist(objects.quarantined, schema=QUARANTINE)
+    index_dir = work / "index"
+    index_dir.mkdir(parents=True, exist_ok=True)
+    pq.write_table(index, index_dir / f"{batch.batch_id}.parquet")
+    if quarantine.num_rows:
+        objects.quarantine_dir.mkdir(parents=True, exist_ok=True)
+        pq.write_table(quarantine, objects.quarantine_dir / "quarantine.parquet")
+    return IngestResult(index=index, quarantine=quarantine)
+
+
+def read_ledger(work_dir: str, site_id: str) -> pa.Table:
+    path = site_work_dir(work_dir, site_id) / "ledger.parquet"
+    return pq.read_table(path, schema=LEDGER) if path.exists() else LEDGER.empty_table()
+
+
+def record_ingested(batch: BatchRef, work_dir: str) -> None:
+    """Remember a published batch's hashed source objects so the next run skips them."""
+    rows = [
+        {"key": o.key, "size": o.size, "mtime_ns": o.mtime_ns, "sha256": o.sha256,
+         "batch_id": batch.batch_id}
+        for o in batch.objects
+        if o.sha256
+    ]
+    if not rows:
+        return
+    done = {r["key"] for r in rows}
+    kept = [r for r in read_ledger(work_dir, batch.site_id).to_pylist() if r["key"] not in done]
+    path = site_work_dir(work_dir, batch.site_id) / "ledger.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    pq.write_table(pa.Table.from_pylist(kept + rows, schema=LEDGER), tmp)
+    os.replace(tmp, path)
+
+
+def _pending_path(work_dir: str, site_id: str, batch_id: str) -> Path:
+    return site_work_dir(work_dir, site_id) / "pending" / f"{batch_id}.json"
+
+
+def save_pending(batch: BatchRef, work_dir: str) -> None:
+    """Keep a discovered batch in the private zone so the run that takes it need not rescan."""
+    path = _pending_path(work_dir, batch.site_id, batch.batch_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(asdict(batch)))
+
+
+def load_pending(work_dir: str, site_id: str, batch_id: str) -> BatchRef | None:
+    path = _pending_path(work_dir, site_id, batch_id)
+    if not path.exists():
+        return None
+    raw = json.loads(path.read_text())
+    return BatchRef(raw["site_id"], raw["batch_id"], raw["root"],
+                    tuple(SourceObject(**o) for o in raw["objects"]))
+
+
+def forget_pending(work_dir: str, site_id: str, batch_id: str) -> None:
+    _pending_path(work_dir, site_id, batch_id).unlink(missing_ok=True)
+
+
+def clear_staging(work_dir: str, site_id: str, batch_id: str) -> None:
+    """Drop a finished batch's staged copies (the source and the release keep what matters)."""
+    staging = site_work_dir(work_dir, site_id) / "staging" / batch_id
+    if staging.exists():
+        shutil.rmtree(staging)
+
+
+def detect_source_kind(url: str) -> str:
+    """``zip_batches`` when the folder holds tip-sheet batch folders, else ``folder``."""
+    fs, root = fsspec.core.url_to_fs(url)
+    if not fs.isdir(root):
+        raise FileNotFoundError(f"source folder does not exist: {url}")
+    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False) if fs.isdir(p)]
+    return "zip_batches" if any(BATCH_FOLDER.match(n) for n in names) else "folder"

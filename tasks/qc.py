@@ -1,0 +1,82 @@
+"""QC: evaluate the rule table in schemas/qc_rules.yaml over the de-identified instances.
+
+Each rule is one SQL condition run by DuckDB; the engine only groups, substitutes parameters
+and records outcomes, so reviewing QC means reading a table, not code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+import yaml
+
+from schemas.catalog import QC
+from schemas.pipeline import OK
+
+LEVEL_KEYS = {"instance": "sop_uid", "series": "series_uid", "study": "study_uid"}
+OUTCOMES = {"exclude": "excluded", "flag": "flagged"}
+
+
+@dataclass(frozen=True)
+class QcResult:
+    """Rule outcomes (the ``qc`` table) and the first excluding rule per excluded file."""
+
+    outcomes: pa.Table
+    excluded: dict[int, str]
+
+
+@cache
+def load_rules() -> dict:
+    """The rule table shipped in schemas/."""
+    text = resources.files("schemas").joinpath("qc_rules.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+def _literal(value: object) -> str:
+    if isinstance(value, (list, tuple)):
+        return "(" + ", ".join(_literal(v) for v in value) + ")"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def _rule_sql(rule: dict, params: dict) -> str:
+    when = rule["when"].format(**{k: _literal(v) for k, v in params.items()})
+    level = rule["level"]
+    if level == "instance":
+        return (f"SELECT seq, sop_uid AS uid, {rule['detail']} AS detail "
+                f"FROM instances WHERE {when}")
+    key = LEVEL_KEYS[level]
+    return (
+        f"WITH hits AS (SELECT {key} AS uid, {rule['detail']} AS detail FROM instances "
+        f"GROUP BY {key} HAVING {when}) "
+        f"SELECT i.seq, hits.uid, hits.detail FROM hits JOIN instances i ON i.{key} = hits.uid"
+    )
+
+
+def evaluate_qc(deidentified: pa.Table, overrides: dict | None = None) -> QcResult:
+    """Run every rule over the readable files; return outcomes and excluded files by seq."""
+    rules = load_rules()
+    params = {**rules["params"], **(overrides or {})}
+    instances = deidentified.filter(pc.equal(deidentified["status"], OK))
+    con = duckdb.connect()
+    con.register("instances", instances)
+    outcome_rows: list[dict] = []
+    excluded: dict[int, str] = {}
+    for rule in rules["rules"]:
+        hits = con.execute(_rule_sql(rule, params)).fetchall()
+        reported: set[str] = set()
+        for seq, uid, detail in sorted(hits):
+            if rule["action"] == "exclude":
+                excluded.setdefault(seq, rule["id"])
+            if uid not in reported:
+                reported.add(uid)
+                outcome_rows.append({"level": rule["level"], "uid": uid, "rule": rule["id"],
+                                     "outcome": OUTCOMES[rule["action"]], "detail": detail})
+    con.close()
+    return QcResult(outcomes=pa.Table.from_pylist(outcome_rows, schema=QC), excluded=excluded)
