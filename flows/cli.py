@@ -19,14 +19,13 @@ from schemas.config import ConfigError, RadrepoConfig, load_config, parse_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Build a de-identified, multi-site imaging research repository.")
-console = Console()
-err_console = Console(stderr=True)
+console = Console(width=max(Console().width, 160))
 
 DEMO_SECRET_FILE = "demo-secret"
 
 
 def _fail(message: str, code: int) -> None:
-    err_console.print(f"radrepo: {message}", highlight=False, markup=False)
+    typer.echo(f"radrepo: {message}", err=True)
     raise typer.Exit(code)
 
 

@@ -86,7 +86,11 @@ def _list_files(fs, root: str) -> dict[str, dict]:
 
 
 def discover_batches(site: SiteConfig, work_dir: str, published: set[str]) -> list[BatchRef]:
-    """The site's batches not yet published, oldest name first (IN-PROGRESS folders wait)."""
+    """The site's batches not yet published, by name (IN-PROGRESS folders wait).
+
+    ``published`` holds the site's complete batch ids: the ledger only vouches for objects
+    of those, so a release rebuilt from scratch picks every object up again.
+    """
     fs, root = fsspec.core.url_to_fs(site.source.path)
     files = _list_files(fs, root)
     if site.source.kind == "zip_batches":
@@ -107,7 +111,7 @@ def discover_batches(site: SiteConfig, work_dir: str, published: set[str]) -> li
             if b not in published
         ]
     ledger = read_ledger(work_dir, site.site_id)
-    known = {row["key"]: row for row in ledger.to_pylist()}
+    known = {row["key"]: row for row in ledger.to_pylist() if row["batch_id"] in published}
     new: list[SourceObject] = []
     fingerprint = hashlib.sha256()
     for key, info in files.items():

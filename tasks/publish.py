@@ -184,7 +184,7 @@ def read_published(release: Release, table: str, site_id: str, exclude_batch: st
     return pa.concat_tables(parts).cast(schema) if parts else schema.empty_table()
 
 
-def _view_sql(release: Release, table: str, files: list[str]) -> str:
+def _view_sql(table: str, files: list[str]) -> str:
     if not files:
         columns = ", ".join(
             [f"CAST(NULL AS VARCHAR) AS {c}" for c in PARTITION_COLUMNS]
@@ -218,16 +218,17 @@ def _duck_type(t: pa.DataType) -> str:
 
 
 def catalog_view_statements(release: Release) -> list[str]:
-    """CREATE VIEW statements over the files of every complete batch."""
+    """CREATE VIEW statements over the partitions of every complete batch.
+
+    Views name one glob per complete batch partition, so a batch becomes visible exactly when
+    its COMPLETE marker does, and a rerun that adds a run record leaves the views unchanged.
+    """
     batches = release.complete_batches()
     statements = []
     for table in TABLES:
-        files = []
-        for site, batch in batches:
-            pattern = release.path(f"{release.partition(table, site, batch)}/*.parquet")
-            found = release.fs.glob(pattern)
-            files.extend(release.uri(p[len(release.root) + 1 :]) for p in sorted(found))
-        statements.append(_view_sql(release, table, files))
+        patterns = [release.uri(f"{release.partition(table, site, batch)}/*.parquet")
+                    for site, batch in batches]
+        statements.append(_view_sql(table, patterns))
     rows = ", ".join(f"('{s}', '{b}')" for s, b in batches) or "(NULL, NULL)"
     statements.append(
         f"CREATE VIEW batches AS SELECT * FROM (VALUES {rows}) AS t(site_id, batch_id) "
@@ -237,17 +238,19 @@ def catalog_view_statements(release: Release) -> list[str]:
 
 
 def refresh_catalog_db(release: Release, work_dir: str) -> bool:
-    """Rewrite ``catalog.duckdb`` when its views changed; True when it was rewritten."""
+    """Rewrite ``catalog.duckdb`` when its views changed; True when it was rewritten.
+
+    The database records a fingerprint of its view statements in ``catalog_info`` so an
+    unchanged catalog is recognised without comparing DuckDB's normalised SQL.
+    """
     statements = catalog_view_statements(release)
+    fingerprint = hashlib.sha256("\n".join(statements).encode()).hexdigest()
     local_db = Path(release.path(CATALOG_DB)) if release.local else Path(work_dir) / CATALOG_DB
     if local_db.exists():
         try:
             with duckdb.connect(str(local_db), read_only=True) as con:
-                current = [r[0] for r in con.execute(
-                    "SELECT sql FROM duckdb_views() WHERE NOT internal ORDER BY view_name"
-                ).fetchall()]
-            if sorted(current) == sorted(s + ";" for s in statements) or sorted(current) == sorted(
-                    statements):
+                current = con.execute("SELECT views_sha256 FROM catalog_info").fetchone()
+            if current == (fingerprint,):
                 return False
         except duckdb.Error:
             pass
@@ -257,6 +260,7 @@ def refresh_catalog_db(release: Release, work_dir: str) -> bool:
     with duckdb.connect(str(tmp)) as con:
         for statement in statements:
             con.execute(statement)
+        con.execute("CREATE TABLE catalog_info AS SELECT ? AS views_sha256", [fingerprint])
     os.replace(tmp, local_db)
     if not release.local:
         release.fs.put_file(str(local_db), release.path(CATALOG_DB))

@@ -58,9 +58,8 @@ class Profile:
 
     @property
     def method_description(self) -> str:
-        """Text for De-identification Method (0012,0063): the profile and options, in words."""
-        names = [BASIC_PROFILE_CODE[1]] + [OPTIONS[o][2] for o in self.options]
-        return "radrepo: " + "; ".join(names)
+        """Text for De-identification Method (0012,0063), within LO's 64 characters."""
+        return "radrepo PS3.15 Basic " + "+".join(OPTIONS[o][1] for o in self.options)
 
     @property
     def method_codes(self) -> list[tuple[str, str]]:

@@ -1,0 +1,86 @@
+"""Shared fixtures: one Prefect test server, Dask cluster and synthetic corpus per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+TEST_SECRET = "radrepo-test-secret-0123456789"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def secret_env():
+    """Every test runs with a known HMAC secret in RADREPO_SECRET."""
+    previous = os.environ.get("RADREPO_SECRET")
+    os.environ["RADREPO_SECRET"] = TEST_SECRET
+    yield TEST_SECRET
+    if previous is None:
+        os.environ.pop("RADREPO_SECRET", None)
+    else:
+        os.environ["RADREPO_SECRET"] = previous
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One temporary Prefect server (Prefect's own test harness) shared by the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def dask_scheduler():
+    """A real two-worker distributed cluster on 127.0.0.1; yields the scheduler address."""
+    import logging
+
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None, silence_logs=logging.WARNING) as cluster:
+        yield cluster.scheduler_address
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> tuple[Path, dict]:
+    """The default synthetic corpus (three sites) and its ground truth, read-only for tests."""
+    from tasks.synth import synthesize
+
+    out = tmp_path_factory.mktemp("corpus")
+    truth = synthesize(out, sites=3, patients=3, seed=7)
+    return out, truth
+
+
+@pytest.fixture(scope="session")
+def make_config(corpus, dask_scheduler):
+    """Build a validated config over the session corpus for a given release and work folder."""
+    from schemas.config import parse_config
+
+    corpus_dir, truth = corpus
+
+    def build(release: Path, work: Path, **extra) -> object:
+        raw = consortium_config(corpus_dir, truth, release, work, dask_scheduler)
+        raw.update(extra)
+        return parse_config(raw, corpus_dir)
+
+    return build
+
+
+def consortium_config(corpus_dir: Path, truth: dict, release: Path, work: Path,
+                      scheduler: str | None = None) -> dict:
+    """A consortium config (as a dict) over the synthetic sites."""
+    kinds = {"zip_batches": "zip_batches", "tree": "folder", "flat": "flat"}
+    sites = []
+    for site_id, site in truth["sites"].items():
+        sites.append({
+            "site_id": site_id,
+            "source": {"kind": kinds[site["layout"]], "path": str(corpus_dir / site["source"])},
+            "clinical": {"path": str(corpus_dir / site["clinical"])},
+            "id_remap": str(corpus_dir / site["remap"]),
+        })
+    cfg = {"release": str(release), "work_dir": str(work), "sites": sites}
+    if scheduler:
+        cfg["dask"] = {"scheduler": scheduler}
+    return cfg

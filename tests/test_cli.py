@@ -1,0 +1,106 @@
+"""The command line: config errors, the secret, the one-off form, query and the demo."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import duckdb
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+
+runner = CliRunner()
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "message"),
+    [
+        ("release: r\nwork_dir: w\nsites:\n  - site_id: a\n    source: {kind: flat, path: x}\n"
+         "bogus: 1\n", "bogus: unknown key"),
+        ("release: r\nsites:\n  - site_id: a\n    source: {kind: folder, path: x}\n",
+         "work_dir: required key is missing"),
+        ("release: r\nwork_dir: w\nsites:\n  - site_id: a\n    source: {kind: ftp, path: x}\n",
+         "sites.0.source.kind: Input should be 'zip_batches', 'folder' or 'flat'"),
+        ("release: r\nwork_dir: w\nsites:\n  - site_id: 'bad id!'\n"
+         "    source: {kind: folder, path: x}\n", "sites.0.site_id: String should match"),
+        ("release: [unclosed\n", "configuration is not valid YAML at line"),
+    ],
+)
+def test_config_errors_are_one_line_with_exit_code_2(tmp_path, yaml_text, message):
+    result = runner.invoke(app, ["run", str(write(tmp_path / "c.yaml", yaml_text))])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.output
+
+
+def test_run_refuses_to_start_without_the_secret(tmp_path, monkeypatch):
+    monkeypatch.delenv("RADREPO_SECRET")
+    (tmp_path / "src").mkdir()
+    cfg = write(tmp_path / "c.yaml", "release: r\nwork_dir: w\nsites:\n  - site_id: a\n"
+                "    source: {kind: folder, path: src}\n")
+    result = runner.invoke(app, ["run", str(cfg)])
+    assert result.exit_code == 2
+    assert "RADREPO_SECRET is not set" in result.output
+    assert not (tmp_path / "r").exists() and not (tmp_path / "w").exists()
+
+
+def test_one_off_run_and_query(prefect_server, corpus, tmp_path):
+    corpus_dir, truth = corpus
+    flat_id, flat = next((k, v) for k, v in truth["sites"].items() if v["layout"] == "flat")
+    release, work = tmp_path / "release", tmp_path / "work"
+    args = ["run", "--source", f"{flat_id}={corpus_dir / flat['source']}",
+            "--clinical", f"{flat_id}={corpus_dir / flat['clinical']}",
+            "--release", str(release), "--work", str(work)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert flat_id in result.output and "quarantined: not DICOM" in result.output
+    with duckdb.connect(str(release / "catalog.duckdb"), read_only=True) as con:
+        n = con.sql("select count(*) from instances").fetchone()[0]
+    assert n > 0
+    result = runner.invoke(app, ["query", str(release), "select count(*) as n from instances"])
+    assert result.exit_code == 0 and str(n) in result.output
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0 and "nothing to do" in again.output
+    bad = runner.invoke(app, ["query", str(release), "select * from no_such_table"])
+    assert bad.exit_code == 1 and "query failed" in bad.output
+    missing = runner.invoke(app, ["run", "--source", "x=/no/such/folder", "--release", "r",
+                                  "--work", "w"])
+    assert missing.exit_code == 2 and "does not exist" in missing.output
+
+
+def test_demo_prints_counts_and_is_repeatable(prefect_server, tmp_path, monkeypatch):
+    monkeypatch.delenv("RADREPO_SECRET")
+    folder = tmp_path / "demo"
+    first = runner.invoke(app, ["demo", str(folder), "--patients", "2"])
+    assert first.exit_code == 0, first.output
+    assert "generated a secret" in first.output
+    for site in ("site-a", "site-b", "site-c"):
+        assert site in first.output
+    assert "published" in first.output
+
+    def hashes(root: Path) -> dict[str, str]:
+        return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in root.rglob("*") if p.is_file()}
+
+    release = folder / "release"
+    before = hashes(release)
+    monkeypatch.delenv("RADREPO_SECRET")
+    second = runner.invoke(app, ["demo", str(folder), "--patients", "2"])
+    assert second.exit_code == 0 and "nothing to do" in second.output
+    assert hashes(release) == before
+    # a fresh release from the same sources and the demo's kept secret is byte-identical
+    shutil.rmtree(release)
+    monkeypatch.delenv("RADREPO_SECRET")
+    third = runner.invoke(app, ["demo", str(folder), "--patients", "2"])
+    assert third.exit_code == 0, third.output
+    rebuilt = hashes(release)
+    assert {k: v for k, v in rebuilt.items() if not k.startswith("catalog/runs/")} == {
+        k: v for k, v in before.items() if not k.startswith("catalog/runs/")}

@@ -1,0 +1,216 @@
+"""De-identification unit tests: keys, remap, the profile table and the dataset engine."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from tasks.deidentify.keys import PseudonymKeys
+from tasks.deidentify.profile import load_profile
+from tasks.deidentify.remap import RemapError, load_remap
+from tasks.deidentify.study import DeidContext, SourceFile, deidentify_study
+
+KEYS = PseudonymKeys(b"unit-test-secret-123456")
+OPTIONS = ("retain_long_modif_dates", "retain_patient_chars", "clean_descriptors")
+UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
+def identified_ct(path: Path, *, sop: str = "1.2.3.4.5.6.7", study: str = "1.2.3.4.5",
+                  name: str = "DOE^JANE^Q", mrn: str = "MRN77123",
+                  transfer_syntax=ExplicitVRLittleEndian) -> bytes:
+    """Write a CT file full of identifiers; return its pixel bytes."""
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = sop
+    ds.StudyInstanceUID = study
+    ds.SeriesInstanceUID = study + ".1"
+    ds.FrameOfReferenceUID = study + ".9"
+    ds.PatientName = name
+    ds.PatientID = mrn
+    ds.PatientBirthDate = "19600214"
+    ds.PatientSex = "F"
+    ds.PatientAddress = "12 Elm Street, Springfield"
+    ds.OtherPatientIDs = "ALT-99881"
+    ds.AccessionNumber = "ACC5550001"
+    ds.StudyID = "ST123"
+    ds.StudyDate = "20200401"
+    ds.SeriesDate = "20200401"
+    ds.AcquisitionDateTime = "20200401101500.000000"
+    ds.StudyTime = "101500"
+    ds.Modality = "CT"
+    ds.InstitutionName = "Mercy General Hospital"
+    ds.ReferringPhysicianName = "HOUSE^GREGORY"
+    ds.StationName = "MERCYCT1"
+    ds.DeviceSerialNumber = "SN-4471"
+    ds.StudyDescription = "CT CHEST DOE MRN77123"
+    ds.SeriesDescription = "AXIAL 2.5"
+    ds.ImageComments = "patient Jane Doe, call 555-0101"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.SliceThickness = "2.5"
+    ds.InstanceNumber = "1"
+    request = Dataset()
+    request.AccessionNumber = "ACC5550001"
+    request.RequestedProcedureID = "RP-1"
+    ds.RequestAttributesSequence = Sequence([request])
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = CTImageStorage
+    ref.ReferencedSOPInstanceUID = "1.2.3.4.5.6.8"
+    ds.ReferencedImageSequence = Sequence([ref])
+    ds.private_block(0x0029, "ACME PACS 1.0", create=True).add_new(0x10, "LO", mrn)
+    ds.Rows, ds.Columns = 4, 4
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    pixels = bytes(range(32))
+    ds.PixelData = pixels
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = transfer_syntax
+    ds.file_meta.SourceApplicationEntityTitle = "MERCY_CT1"
+    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    return pixels
+
+
+def run_study(tmp_path: Path, paths: list[Path], remap=None) -> list[dict]:
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    ctx = DeidContext(keys=KEYS, site_id="site-x", options=OPTIONS, remap=remap or {},
+                      out_dir=str(out))
+    files = [SourceFile(i, f"o{i}", str(p), None, None, None) for i, p in enumerate(paths)]
+    return deidentify_study(files, ctx)
+
+
+def test_keys_are_deterministic_valid_and_keyed():
+    uid = KEYS.uid("1.2.840.113619.2.55.3")
+    assert uid == KEYS.uid("1.2.840.113619.2.55.3")
+    assert UID_RE.match(uid) and len(uid) <= 64 and uid.startswith("2.25.")
+    assert PseudonymKeys(b"another-secret-12345").uid("1.2.840.113619.2.55.3") != uid
+    assert KEYS.patient_id("a", " mrn1 ") == KEYS.patient_id("a", "MRN1")
+    assert KEYS.patient_id("a", "MRN1") != KEYS.patient_id("b", "MRN1")
+    offset = KEYS.date_offset_days("a", "MRN1")
+    assert -3650 <= offset <= -365
+    assert re.fullmatch(r"\d{6}", KEYS.siteid("a"))
+    assert "unit-test-secret" not in repr(KEYS)
+
+
+def test_remap_resolves_chains_and_rejects_cycles(tmp_path):
+    path = tmp_path / "remap.csv"
+    path.write_text("old_id,new_id\nA1,B2\nB2,C3\n")
+    assert load_remap(str(path)) == {"A1": "C3", "B2": "C3"}
+    path.write_text("old_id,new_id\nA1,B2\nB2,A1\n")
+    with pytest.raises(RemapError) as err:
+        load_remap(str(path))
+    assert "A1" not in str(err.value) and "cycle" in str(err.value)
+    path.write_text("old,new\nA1,B2\n")
+    with pytest.raises(RemapError, match="lacks column"):
+        load_remap(str(path))
+
+
+def test_profile_follows_the_annex_e_table():
+    profile = load_profile(OPTIONS)
+    assert profile.action(0x00100030) == "Z"  # Patient's Birth Date: Z in the Basic Profile
+    assert profile.action(0x00080020) == "C"  # Study Date: cleaned (shifted) by the dates option
+    assert profile.action(0x00101010) == "K"  # Patient's Age kept by patient characteristics
+    assert profile.action(0x0008103E) == "C"  # Series Description: Clean Descriptors
+    assert profile.action(0x00204000) == "X"  # Image Comments: removed despite Clean Descriptors
+    assert profile.action(0x00080018) == "U"  # SOP Instance UID
+    assert profile.action(0x00100010) == "computed"  # Patient's Name: the pseudonym
+    assert profile.action(0x00291010) == "X"  # private
+    assert profile.action(0x00080060) == "K"  # Modality: not in the table
+    basic = load_profile(())
+    assert basic.action(0x00080020) == "Z" and basic.action(0x00101010) == "X"
+
+
+def test_dataset_is_deidentified_everywhere(tmp_path):
+    src = tmp_path / "in.dcm"
+    pixels = identified_ct(src)
+    [row] = run_study(tmp_path, [src])
+    assert row["status"] == "ok", row
+    out = Path(row["output_path"])
+    data = out.read_bytes()
+    for planted in ("DOE", "JANE", "MRN77123", "19600214", "ACC5550001", "ALT-99881", "Elm",
+                    "Mercy", "HOUSE", "MERCYCT1", "SN-4471", "555-0101", "ACME", "ST123",
+                    "1.2.3.4.5.6.7", "1.2.3.4.5.6.8", "MERCY_CT1", "20200401"):
+        assert planted.encode() not in data, planted
+    ds = pydicom.dcmread(out)
+    pseudonym = KEYS.patient_id("site-x", "MRN77123")
+    assert ds.PatientID == pseudonym == row["patient_id"] and str(ds.PatientName) == pseudonym
+    assert ds.PatientAge == "060Y" and ds.PatientSex == "F" and "PatientBirthDate" in ds
+    assert ds.StudyDescription == "CT CHEST" and ds.SeriesDescription == "AXIAL 2.5"
+    assert "ImageComments" not in ds and not any(e.tag.is_private for e in ds)
+    assert ds.SOPInstanceUID == KEYS.uid("1.2.3.4.5.6.7") == ds.file_meta.MediaStorageSOPInstanceUID
+    assert ds.ReferencedImageSequence[0].ReferencedSOPInstanceUID == KEYS.uid("1.2.3.4.5.6.8")
+    assert ds.ReferencedImageSequence[0].ReferencedSOPClassUID == CTImageStorage
+    assert not ds.RequestAttributesSequence[0].AccessionNumber
+    assert ds.PatientIdentityRemoved == "YES"
+    assert [c.CodeValue for c in ds.DeidentificationMethodCodeSequence] == [
+        "113100", "113107", "113108", "113105"]
+    assert ds.ClinicalTrialSiteID == KEYS.siteid("site-x")
+    assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert ds.PixelData == pixels
+    assert row["pixel_sha256"] == hashlib.sha256(pixels).hexdigest()
+    assert row["sha256"] == hashlib.sha256(data).hexdigest() and row["size_bytes"] == len(data)
+
+
+def test_dates_shift_by_one_offset_per_patient(tmp_path):
+    a, b = tmp_path / "a.dcm", tmp_path / "b.dcm"
+    identified_ct(a, sop="1.2.3.1", study="1.2.3")
+    identified_ct(b, sop="1.2.4.1", study="1.2.4")
+    ds_b = pydicom.dcmread(b)
+    ds_b.StudyDate = "20200415"
+    ds_b.save_as(b)
+    rows = run_study(tmp_path, [a, b])
+    da, db = (r["study_date"] for r in rows)
+    assert (db - da).days == 14  # the interval between the patient's studies is kept exactly
+    shifted = pydicom.dcmread(rows[0]["output_path"])
+    assert shifted.AcquisitionDateTime.endswith("101500.000000")
+    assert shifted.AcquisitionDateTime[:8] == shifted.StudyDate
+
+
+def test_remap_gives_old_and_new_ids_one_pseudonym(tmp_path):
+    a, b = tmp_path / "a.dcm", tmp_path / "b.dcm"
+    identified_ct(a, sop="1.2.3.1", mrn="OLD-1")
+    identified_ct(b, sop="1.2.3.2", mrn="NEW-1")
+    rows = run_study(tmp_path, [a, b], remap={"OLD-1": "NEW-1"})
+    assert rows[0]["patient_id"] == rows[1]["patient_id"] == KEYS.patient_id("site-x", "NEW-1")
+
+
+def test_implicit_vr_input_is_written_explicit(tmp_path):
+    src = tmp_path / "implicit.dcm"
+    pixels = identified_ct(src, transfer_syntax=ImplicitVRLittleEndian)
+    [row] = run_study(tmp_path, [src])
+    ds = pydicom.dcmread(row["output_path"])
+    assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian and ds.PixelData == pixels
+
+
+def test_bad_files_are_quarantined_without_quoting_values(tmp_path):
+    good, bad, no_pid = tmp_path / "good.dcm", tmp_path / "bad.dcm", tmp_path / "nopid.dcm"
+    identified_ct(good)
+    bad.write_bytes(b"DOE^JANE MRN77123 is not a DICOM file")
+    identified_ct(no_pid, sop="1.2.3.9")
+    ds = pydicom.dcmread(no_pid)
+    del ds.PatientID
+    ds.save_as(no_pid)
+    rows = run_study(tmp_path, [good, bad, no_pid])
+    assert [r["status"] for r in rows] == ["ok", "quarantined", "quarantined"]
+    assert rows[1]["reason"].startswith("unreadable DICOM")
+    assert rows[2]["reason"] == "no Patient ID"
+    assert all("DOE" not in (r["reason"] or "") for r in rows)
+
+
+def test_deidentification_is_byte_identical_across_runs(tmp_path):
+    src = tmp_path / "in.dcm"
+    identified_ct(src)
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    first = run_study(tmp_path / "one", [src])
+    second = run_study(tmp_path / "two", [src])
+    assert first[0]["sha256"] == second[0]["sha256"]
+    assert Path(first[0]["output_path"]).read_bytes() == Path(second[0]["output_path"]).read_bytes()

@@ -1,0 +1,132 @@
+"""Ingest: batch discovery, zip batches, the ledger, and every bad-input path."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from schemas.config import SiteConfig
+from tasks import ingest
+from tests.test_deidentify import identified_ct
+
+
+def zip_site(root: Path) -> None:
+    """Two complete batches and one still uploading, one zip per exam."""
+    for folder, exams in {
+        "CXR-UPDATE-20200523-COMPLETE": ["1234_20200301-140030_A003_XR-PORT-CHEST-1V"],
+        "CT-UPDATE-20200519-COMPLETE": ["1234_20200508-105300_A002_CT-CHEST-WO"],
+        "CT-UPDATE-20200602-IN-PROGRESS": ["5678_20200601-090000_A009_CT-CHEST-WO"],
+    }.items():
+        (root / folder).mkdir(parents=True)
+        for i, exam in enumerate(exams):
+            dcm = root / f"{exam}.dcm"
+            identified_ct(dcm, sop=f"1.2.9.{len(folder)}.{i}", study=f"1.2.9.{len(folder)}")
+            with zipfile.ZipFile(root / folder / f"{exam}.zip", "w") as zf:
+                zf.write(dcm, "1_AXIAL/IM0001.dcm")
+                zf.writestr("README.txt", "exported by PACS for DOE^JANE")
+            dcm.unlink()
+
+
+def site(kind: str, path: Path) -> SiteConfig:
+    return SiteConfig(site_id="s1", source={"kind": kind, "path": str(path)})
+
+
+def test_zip_batches_skip_in_progress_and_parse_exam_names(tmp_path):
+    src = tmp_path / "src"
+    zip_site(src)
+    batches = ingest.discover_batches(site("zip_batches", src), str(tmp_path / "work"), set())
+    assert [b.batch_id for b in batches] == ["CT-UPDATE-20200519", "CXR-UPDATE-20200523"]
+    assert ingest.discover_batches(site("zip_batches", src), str(tmp_path / "work"),
+                                   {"CT-UPDATE-20200519"})[0].batch_id == "CXR-UPDATE-20200523"
+    result = ingest.ingest_batch(batches[1], str(src), str(tmp_path / "work"))
+    rows = result.index.to_pylist()
+    assert [r["status"] for r in rows] == ["ok", "quarantined"]
+    dicom, readme = rows
+    assert dicom["exam_id"] == "A003" and dicom["exam_time"] == "20200301-140030"
+    assert dicom["exam_description"] == "XR-PORT-CHEST-1V"
+    assert dicom["member_path"] == "1_AXIAL/IM0001.dcm"
+    assert dicom["sop_uid"].startswith("1.2.9.")
+    assert readme["reason"] == "not DICOM"
+    # staged under the private work folder by opaque id, never by the identifying zip name
+    assert Path(dicom["staged_path"]).is_relative_to(tmp_path / "work")
+    assert "1234" not in Path(dicom["staged_path"]).name
+    saved = pq.read_table(tmp_path / "work" / "s1" / "index" / "CXR-UPDATE-20200523.parquet")
+    assert saved.num_rows == 2
+    quarantine = pq.read_table(
+        tmp_path / "work/s1/quarantine/CXR-UPDATE-20200523/quarantine.parquet")
+    assert quarantine.column("reason").to_pylist() == ["not DICOM"]
+
+
+def test_folder_source_is_incremental_through_the_ledger(tmp_path):
+    src, work = tmp_path / "src", str(tmp_path / "work")
+    (src / "p1").mkdir(parents=True)
+    identified_ct(src / "p1" / "a.dcm", sop="1.2.5.1")
+    cfg = site("folder", src)
+    [first] = ingest.discover_batches(cfg, work, set())
+    ingest.record_ingested(first, work)
+    published = {first.batch_id}
+    assert ingest.discover_batches(cfg, work, published) == []
+    os.utime(src / "p1" / "a.dcm", (1, 1))  # touched, same bytes: still nothing new
+    assert ingest.discover_batches(cfg, work, published) == []
+    # the ledger vouches only for published batches: a rebuilt release takes everything again
+    assert [b.batch_id for b in ingest.discover_batches(cfg, work, set())] == [first.batch_id]
+    identified_ct(src / "p1" / "b.dcm", sop="1.2.5.2")
+    [second] = ingest.discover_batches(cfg, work, published)
+    assert [o.key for o in second.objects] == ["p1/b.dcm"]
+    assert second.batch_id != first.batch_id and second.batch_id.startswith("folder-")
+
+
+def test_bad_inputs_are_quarantined_with_reasons(tmp_path):
+    src, work = tmp_path / "src", tmp_path / "work"
+    src.mkdir()
+    identified_ct(src / "good.dcm", sop="1.2.6.1")
+    (src / "notes.txt").write_text("not an image")
+    (src / "empty").write_bytes(b"")
+    (src / "truncated.dcm").write_bytes((src / "good.dcm").read_bytes()[:200])
+    (src / "broken.zip").write_bytes(b"PK\x03\x04 this is not really a zip")
+    outside = tmp_path / "outside.dcm"
+    identified_ct(outside, sop="1.2.6.2")
+    (src / "link.dcm").symlink_to(outside)
+    with zipfile.ZipFile(src / "bomb.zip", "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("zeros.dcm", b"\0" * (4 << 20))
+    [batch] = ingest.discover_batches(site("flat", src), str(work), set())
+    result = ingest.ingest_batch(batch, str(src), str(work))
+    reasons = {r["key"]: r["reason"] for r in result.index.to_pylist()}
+    assert reasons == {
+        "bomb.zip!zeros.dcm": "zip entry compression ratio too high (zip bomb)",
+        "broken.zip": "corrupt zip archive (BadZipFile)",
+        "empty": "not DICOM",
+        "good.dcm": None,
+        "link.dcm": "symlink leads outside the source folder",
+        "notes.txt": "not DICOM",
+        "truncated.dcm": "no SOP Instance UID",
+    }
+    assert result.quarantine.num_rows == 6
+    # nothing was written outside the private work folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outside.dcm", "src", "work"]
+    assert sorted(p.name for p in src.iterdir()) == sorted(
+        ["good.dcm", "notes.txt", "empty", "truncated.dcm", "broken.zip", "link.dcm", "bomb.zip"])
+    quarantined_copies = list((work / "s1" / "quarantine" / batch.batch_id).iterdir())
+    assert len(quarantined_copies) >= 5
+
+
+def test_vanished_file_is_quarantined(tmp_path):
+    src, work = tmp_path / "src", str(tmp_path / "work")
+    src.mkdir()
+    identified_ct(src / "a.dcm", sop="1.2.7.1")
+    identified_ct(src / "b.dcm", sop="1.2.7.2")
+    [batch] = ingest.discover_batches(site("flat", src), work, set())
+    (src / "b.dcm").unlink()
+    rows = ingest.ingest_batch(batch, str(src), work).index.to_pylist()
+    assert [(r["key"], r["reason"]) for r in rows] == [
+        ("a.dcm", None), ("b.dcm", "file vanished during ingest")]
+
+
+def test_detect_source_kind(tmp_path):
+    zip_site(tmp_path / "zips")
+    (tmp_path / "tree" / "p").mkdir(parents=True)
+    assert ingest.detect_source_kind(str(tmp_path / "zips")) == "zip_batches"
+    assert ingest.detect_source_kind(str(tmp_path / "tree")) == "folder"

@@ -1,0 +1,98 @@
+"""Publication: layout, idempotent writes, COMPLETE last, and views over complete batches only."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from schemas import catalog as cat
+from tasks.publish import Release, publish_batch, read_published, refresh_catalog_db
+
+
+def batch_tables(sop: str) -> dict[str, pa.Table]:
+    tables = {name: schema.empty_table() for name, schema in cat.TABLES.items()}
+    tables["instances"] = pa.Table.from_pylist(
+        [{"sop_uid": sop, "series_uid": "2.25.2", "study_uid": "2.25.1", "path": "x",
+          "size_bytes": 4, "sha256": "s"}], schema=cat.INSTANCES)
+    return tables
+
+
+def run_table(run_id: str) -> pa.Table:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    return pa.Table.from_pylist([{"run_id": run_id, "flow": "site_batch", "started": now,
+                                  "finished": now, "files_in": 1, "published": 1}],
+                                schema=cat.RUNS)
+
+
+def publish(release: Release, tmp_path, batch: str, sop: str, run_id: str = "r1"):
+    staged = tmp_path / f"staged-{batch}-{run_id}.dcm"
+    staged.write_bytes(b"DICM")
+    files = [(str(staged), f"dicom/s1/P1/2.25.1/2.25.2/{sop}.dcm", 4, "sha-" + sop)]
+    return publish_batch(release, "s1", batch, batch_tables(sop), files, run_table(run_id),
+                         run_id)
+
+
+def snapshot(root) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")
+            if p.is_file()}
+
+
+def test_publish_layout_marker_and_views(tmp_path):
+    root = tmp_path / "release"
+    release = Release(str(root))
+    result = publish(release, tmp_path, "B1", "2.25.3")
+    assert result.files_written >= 1 and release.is_complete("s1", "B1")
+    assert (root / "dicom/s1/P1/2.25.1/2.25.2/2.25.3.dcm").read_bytes() == b"DICM"
+    for table in cat.TABLES:
+        if table != "runs":
+            assert (root / f"catalog/{table}/site_id=s1/batch_id=B1/part-0.parquet").exists()
+    manifest = pq.read_table(root / "batches/s1/B1/manifest.parquet").to_pylist()
+    assert {"path": "dicom/s1/P1/2.25.1/2.25.2/2.25.3.dcm", "size_bytes": 4,
+            "sha256": "sha-2.25.3"} in manifest
+    assert refresh_catalog_db(release, str(tmp_path / "work"))
+    with duckdb.connect(str(root / "catalog.duckdb"), read_only=True) as con:
+        assert con.sql("select site_id, batch_id, sop_uid from instances").fetchall() == [
+            ("s1", "B1", "2.25.3")]
+        assert con.sql("select count(*) from duplicates").fetchone() == (0,)
+        assert con.sql("select * from batches").fetchall() == [("s1", "B1")]
+    assert read_published(release, "instances", "s1", "B2", ["sop_uid"]).column(
+        "sop_uid").to_pylist() == ["2.25.3"]
+    assert read_published(release, "instances", "s1", "B1", ["sop_uid"]).num_rows == 0
+
+
+def test_republishing_identical_content_rewrites_nothing(tmp_path):
+    root = tmp_path / "release"
+    release = Release(str(root))
+    publish(release, tmp_path, "B1", "2.25.3")
+    refresh_catalog_db(release, str(tmp_path / "work"))
+    before = snapshot(root)
+    result = publish(release, tmp_path, "B1", "2.25.3", run_id="r2")
+    assert not refresh_catalog_db(release, str(tmp_path / "work"))
+    after = snapshot(root)
+    assert result.files_written == 0 and result.files_unchanged == 1
+    new = set(after) - set(before)
+    assert new == {"catalog/runs/site_id=s1/batch_id=B1/run-r2.parquet"}
+    assert all(after[p] == before[p] for p in before)
+
+
+def test_batch_without_complete_marker_is_invisible(tmp_path):
+    root = tmp_path / "release"
+    release = Release(str(root))
+    publish(release, tmp_path, "B1", "2.25.3")
+    publish(release, tmp_path, "B2", "2.25.4")
+    (root / "batches/s1/B2/COMPLETE").unlink()  # as if the run died before the marker
+    refresh_catalog_db(release, str(tmp_path / "work"))
+    with duckdb.connect(str(root / "catalog.duckdb"), read_only=True) as con:
+        assert con.sql("select sop_uid from instances").fetchall() == [("2.25.3",)]
+    assert release.complete_batches() == [("s1", "B1")]
+
+
+def test_empty_release_has_queryable_views(tmp_path):
+    release = Release(str(tmp_path / "release"))
+    refresh_catalog_db(release, str(tmp_path / "work"))
+    with duckdb.connect(str(tmp_path / "release" / "catalog.duckdb"), read_only=True) as con:
+        for table in cat.TABLES:
+            assert con.sql(f"select count(*) from {table}").fetchone() == (0,)
