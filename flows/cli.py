@@ -230,6 +230,8 @@ def demo(
 
 def main() -> None:
     """Console-script entry point."""
+    # a temporary Prefect server must not try to phone home from an offline site network
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
         app()
     except KeyboardInterrupt:

@@ -14,6 +14,7 @@ from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
+from pydicom.uid import UID_dictionary
 
 from tasks.deidentify.profile import Profile
 
@@ -120,21 +121,55 @@ def _values(ds: Dataset, keyword: str) -> list[object]:
 
 
 def deidentify_dataset(ds: Dataset, profile: Profile, patient: PatientContext, uid_map) -> None:
-    """Rewrite ``ds`` in place: every element gets its profile action, sequences recursively."""
+    """Rewrite ``ds`` in place: every element gets its profile action, sequences recursively.
+
+    Elements the profile keeps are left as read (never decoded or re-encoded), which is most
+    of a header; only what changes is touched.
+    """
     for tag in list(ds.keys()):
-        elem = ds[tag]
         action = profile.action(int(tag))
         if action == "X":
             del ds[tag]
-        elif action == "computed":
             continue
-        elif elem.VR == "SQ":
-            _apply_to_sequence(ds, tag, elem, action, profile, patient, uid_map)
+        if action == "computed":
+            continue
+        if action == "safe-private":
+            if not _is_safe_private(ds, tag, profile):
+                del ds[tag]
+            continue
+        vr = ds.get_item(tag).VR
+        if action == "K" and vr is not None and vr not in ("SQ", "UI"):
+            continue
+        elem = ds[tag]
+        if elem.VR == "SQ":
+            _apply_to_sequence(elem, action, profile, patient, uid_map)
+        elif action == "K":
+            if elem.VR == "UI" and elem.value:
+                elem.value = _map_uids(elem, uid_map, keep_standard=True)
         else:
             _apply_to_value(ds, tag, elem, action, patient, uid_map)
+    if profile.private_action == "C":
+        _drop_empty_private_blocks(ds)
 
 
-def _apply_to_sequence(ds, tag, elem, action, profile, patient, uid_map) -> None:
+def _is_safe_private(ds: Dataset, tag, profile: Profile) -> bool:
+    group, elem = tag.group, tag.element
+    if elem < 0x1000:
+        return elem >= 0x10  # a private creator: kept until its block turns out empty
+    creator_tag = (group << 16) | (elem >> 8)
+    creator = ds.get(creator_tag)
+    name = str(creator.value).strip() if creator is not None else ""
+    return (name, group, elem & 0xFF) in profile.safe_private
+
+
+def _drop_empty_private_blocks(ds: Dataset) -> None:
+    used = {(t.group, t.element >> 8) for t in ds.keys() if t.is_private and t.element >= 0x1000}
+    for tag in [t for t in ds.keys() if t.is_private and 0x10 <= t.element < 0x100]:
+        if (tag.group, tag.element) not in used:
+            del ds[tag]
+
+
+def _apply_to_sequence(elem: DataElement, action, profile, patient, uid_map) -> None:
     if action == "Z":
         elem.value = Sequence()
         return
@@ -158,10 +193,17 @@ def _apply_to_value(ds, tag, elem: DataElement, action: str, patient, uid_map) -
         _clean(ds, tag, elem, patient)
 
 
-def _map_uids(elem: DataElement, uid_map):
+def _map_uids(elem: DataElement, uid_map, keep_standard: bool = False):
+    """Remap instance UIDs; with ``keep_standard``, registered DICOM UIDs (SOP classes,
+    transfer syntaxes, coding schemes) pass unchanged since they identify nobody."""
+
+    def one(value: str) -> str:
+        value = str(value)
+        return value if keep_standard and value in UID_dictionary else uid_map(value)
+
     if elem.VM > 1:
-        return [uid_map(str(v)) for v in elem.value]
-    return uid_map(str(elem.value))
+        return [one(v) for v in elem.value]
+    return one(elem.value)
 
 
 def _clean(ds: Dataset, tag, elem: DataElement, patient: PatientContext) -> None:

@@ -42,6 +42,7 @@ class Profile:
     private_action: str
     curve_action: str
     overlay_action: str
+    safe_private: frozenset[tuple[str, int, int]]
 
     def action(self, tag: int) -> str:
         """The action for one element tag (file meta group 0002 excluded)."""
@@ -49,7 +50,7 @@ class Profile:
         if tag in self.computed:
             return "computed"
         if group % 2 == 1:
-            return self.private_action
+            return "safe-private" if self.private_action == "C" else self.private_action
         if (group & 0xFF00) == 0x5000:
             return self.curve_action
         if (group & 0xFF00) == 0x6000 and elem in (0x3000, 0x4000):
@@ -105,6 +106,7 @@ def load_profile(options: tuple[str, ...]) -> Profile:
     for keyword in overrides["always_remove"]:
         actions[_keyword_tag(keyword)] = "X"
     computed = {_keyword_tag(k): v for k, v in overrides["computed"].items()}
+    safe = yaml.safe_load(schemas.joinpath("safe_private.yaml").read_text())
     return Profile(
         options=options,
         actions=actions,
@@ -112,6 +114,7 @@ def load_profile(options: tuple[str, ...]) -> Profile:
         private_action=patterns["(gggg,eeee) where gggg is odd"],
         curve_action=patterns["(50xx,xxxx)"],
         overlay_action=patterns["(60xx,3000)"],
+        safe_private=frozenset((e["creator"], e["group"], e["element"]) for e in safe),
     )
 
 
