@@ -25,7 +25,7 @@ from flows.secret import keys_from_env
 from schemas.catalog import CLINICAL, RUNS
 from schemas.config import RadrepoConfig
 from schemas.pipeline import DEIDENTIFIED_CLINICAL, QUARANTINED
-from tasks import catalog, clinical, dedupe, ingest, qc
+from tasks import catalog, clinical, dedupe, ingest, qc, verify
 from tasks import publish as publishing
 from tasks.deidentify import (
     DeidContext,
@@ -48,10 +48,10 @@ def ingest_step(batch: ingest.BatchRef, source_url: str, work_dir: str) -> inges
 
 
 @step(name="deidentify")
-def deidentify_step(index: pa.Table, ctx: DeidContext, scheduler: str | None,
-                    config: RadrepoConfig) -> pa.Table:
+def deidentify_step(index: pa.Table, ctx: DeidContext, identifiers_path: str,
+                    scheduler: str | None, config: RadrepoConfig) -> pa.Table:
     with dask_client(config.dask, scheduler) as client:
-        return deidentify_batch(index, ctx, client)
+        return deidentify_batch(index, ctx, identifiers_path, client)
 
 
 @step(name="deidentify_clinical")
@@ -79,6 +79,20 @@ def dedupe_step(deidentified: pa.Table, excluded: set[int], release: publishing.
     published = publishing.read_published(release, "instances", site_id, batch_id,
                                           ["sop_uid", "sha256"])
     return dedupe.find_duplicates(deidentified, excluded, published, batch_id)
+
+
+@step(name="verify")
+def verify_step(identifiers_path: str, assembled: catalog.CatalogBatch, run: pa.Table) -> int:
+    """The gate: fail the batch if any identifier seen at the source is in what would publish."""
+    matcher = verify.read_identifiers([Path(identifiers_path)])
+    findings = []
+    for staged, relative in assembled.files:
+        findings += verify.scan_dicom_file(staged, relative, matcher)
+    findings += verify.scan_names([rel for _, rel in assembled.files], matcher)
+    for name, table in {**assembled.tables, "runs": run}.items():
+        findings += verify.scan_table(name, table, matcher)
+    verify.raise_if_found(findings)
+    return len(assembled.files)
 
 
 @step(name="publish")
@@ -138,7 +152,9 @@ def site_batch(config: RadrepoConfig, site_id: str, batch_id: str, force: bool =
     staging = Path(config.work_dir) / site_id / "staging" / batch_id / "deidentified"
     ctx = DeidContext(keys=keys, site_id=site_id, options=tuple(config.deid.options),
                       remap=remap, out_dir=str(staging))
-    deidentified = deidentify_step(ingested.index, ctx, scheduler, config)
+    identifiers_path = str(Path(config.work_dir) / site_id / "index"
+                           / f"{batch_id}.identifiers.parquet")
+    deidentified = deidentify_step(ingested.index, ctx, identifiers_path, scheduler, config)
     clinical_patients, measurements = deidentify_clinical_step(config, site_id, keys, remap)
 
     qc_result = qc_step(deidentified, config)
@@ -159,6 +175,7 @@ def site_batch(config: RadrepoConfig, site_id: str, batch_id: str, force: bool =
     )
     profile = load_profile(tuple(config.deid.options)).method_description
     run = _run_table(run_id, profile, started, assembled.counts)
+    verify_step(identifiers_path, assembled, run)
     result = publish_step(release, site_id, batch_id, assembled, deidentified, run, run_id,
                           config.work_dir)
     ingest.record_ingested(batch, config.work_dir)

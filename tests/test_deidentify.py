@@ -84,7 +84,7 @@ def run_study(tmp_path: Path, paths: list[Path], remap=None) -> list[dict]:
     ctx = DeidContext(keys=KEYS, site_id="site-x", options=OPTIONS, remap=remap or {},
                       out_dir=str(out))
     files = [SourceFile(i, f"o{i}", str(p), None, None, None) for i, p in enumerate(paths)]
-    return deidentify_study(files, ctx)
+    return deidentify_study(files, ctx).rows
 
 
 def test_keys_are_deterministic_valid_and_keyed():

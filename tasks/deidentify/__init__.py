@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from schemas.pipeline import DEIDENTIFIED, OK
 from tasks.deidentify.clinical import DeidentifiedClinical, deidentify_clinical
@@ -45,8 +46,16 @@ def study_groups(index: pa.Table) -> list[list[SourceFile]]:
     return list(groups.values())
 
 
-def deidentify_batch(index: pa.Table, ctx: DeidContext, client=None) -> pa.Table:
-    """De-identify every readable object of a batch; one Dask task per study when ``client``."""
+IDENTIFIERS = pa.schema([("value", pa.string())])
+
+
+def deidentify_batch(index: pa.Table, ctx: DeidContext, identifiers_path: str,
+                     client=None) -> pa.Table:
+    """De-identify every readable object of a batch; one Dask task per study when ``client``.
+
+    The identifying values met on the way go to ``identifiers_path`` in the private zone, for
+    the verification gate; the returned table holds pseudonymized values only.
+    """
     Path(ctx.out_dir).mkdir(parents=True, exist_ok=True)
     groups = study_groups(index)
     if client is None:
@@ -55,5 +64,8 @@ def deidentify_batch(index: pa.Table, ctx: DeidContext, client=None) -> pa.Table
         [ctx_future] = client.scatter([ctx], broadcast=True)
         futures = client.map(deidentify_study, groups, ctx=ctx_future, pure=False)
         results = client.gather(futures)
-    rows = sorted((r for study in results for r in study), key=lambda r: r["seq"])
+    rows = sorted((r for study in results for r in study.rows), key=lambda r: r["seq"])
+    seen = sorted(set().union(*(study.identifiers for study in results)))
+    Path(identifiers_path).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"value": seen}, schema=IDENTIFIERS), identifiers_path)
     return pa.Table.from_pylist(rows, schema=DEIDENTIFIED)

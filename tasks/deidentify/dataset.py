@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import date, timedelta
+from functools import cached_property
 
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement
@@ -42,6 +43,9 @@ _DATE_LIKE = re.compile(r"\b\d{1,4}[-/.]\d{1,2}[-/.]\d{1,4}\b")
 _SPACES = re.compile(r"\s{2,}")
 
 
+MIN_CLEANED_LENGTH = 3
+
+
 @dataclass(frozen=True)
 class PatientContext:
     """What the engine needs to know about the file's patient to rewrite it."""
@@ -50,6 +54,28 @@ class PatientContext:
     siteid: str
     offset_days: int
     identifiers: tuple[str, ...]
+
+    @cached_property
+    def pattern(self) -> re.Pattern[str] | None:
+        """The file's identifiers as one case-insensitive, word-bounded pattern."""
+        words = [i for i in self.identifiers if len(i) >= MIN_CLEANED_LENGTH]
+        if not words:
+            return None
+        alternation = "|".join(re.escape(w) for w in words)
+        return re.compile(rf"(?<![A-Za-z0-9])(?:{alternation})(?![A-Za-z0-9])", re.IGNORECASE)
+
+    @cached_property
+    def needles(self) -> tuple[bytes, ...]:
+        """Lower-cased encodings of the identifiers, to test raw values without decoding."""
+        found = set()
+        for ident in self.identifiers:
+            if len(ident) >= MIN_CLEANED_LENGTH:
+                for codec in ("utf-8", "latin-1"):
+                    try:
+                        found.add(ident.lower().encode(codec))
+                    except UnicodeEncodeError:
+                        continue
+        return tuple(found)
 
 
 def shift_da(value: str, offset_days: int) -> str:
@@ -73,11 +99,9 @@ def shift_dt(value: str, offset_days: int) -> str:
     return shifted + value[8:] if shifted else ""
 
 
-def clean_text(value: str, identifiers: tuple[str, ...]) -> str:
+def clean_text(value: str, pattern: re.Pattern[str] | None) -> str:
     """Drop known identifiers, long digit runs and date-like tokens from a descriptor."""
-    text = value
-    for ident in identifiers:
-        text = re.sub(re.escape(ident), " ", text, flags=re.IGNORECASE)
+    text = pattern.sub(" ", value) if pattern else value
     text = _LONG_NUMBER.sub(" ", text)
     text = _DATE_LIKE.sub(" ", text)
     return _SPACES.sub(" ", text).strip(" ,;:-^")
@@ -99,7 +123,7 @@ def identifying_values(ds: Dataset) -> tuple[str, ...]:
         for name in _values(ds, keyword):
             text = str(name)
             found.add(text)
-            found.update(p for p in re.split(r"[\^= ]+", text) if len(p) >= 2)
+            found.update(p for p in re.split(r"[\^= ]+", text) if p)
     for keyword in (
         "PatientID",
         "OtherPatientIDs",
@@ -137,19 +161,33 @@ def deidentify_dataset(ds: Dataset, profile: Profile, patient: PatientContext, u
             if not _is_safe_private(ds, tag, profile):
                 del ds[tag]
             continue
-        vr = ds.get_item(tag).VR
-        if action == "K" and vr is not None and vr not in ("SQ", "UI"):
-            continue
+        raw = ds.get_item(tag)
+        if action == "K" and raw.VR is not None and raw.VR not in ("SQ", "UI"):
+            if raw.VR not in TEXT_VRS or not _mentions_patient(raw, patient):
+                continue
+            action = "C"  # kept free text that repeats an identifier of this file is cleaned
         elem = ds[tag]
         if elem.VR == "SQ":
             _apply_to_sequence(elem, action, profile, patient, uid_map)
         elif action == "K":
             if elem.VR == "UI" and elem.value:
                 elem.value = _map_uids(elem, uid_map, keep_standard=True)
+            elif elem.VR in TEXT_VRS and _mentions_patient(elem, patient):
+                _clean(ds, tag, elem, patient)
         else:
             _apply_to_value(ds, tag, elem, action, patient, uid_map)
     if profile.private_action == "C":
         _drop_empty_private_blocks(ds)
+
+
+def _mentions_patient(elem, patient: PatientContext) -> bool:
+    value = elem.value
+    if value is None:
+        return False
+    if isinstance(value, bytes):
+        lowered = value.lower()
+        return any(needle in lowered for needle in patient.needles)
+    return patient.pattern is not None and patient.pattern.search(str(value)) is not None
 
 
 def _is_safe_private(ds: Dataset, tag, profile: Profile) -> bool:
@@ -212,7 +250,7 @@ def _clean(ds: Dataset, tag, elem: DataElement, patient: PatientContext) -> None
     elif elem.VR == "DT":
         elem.value = _each(elem, lambda v: shift_dt(v, patient.offset_days))
     elif elem.VR in TEXT_VRS:
-        cleaned = _each(elem, lambda v: clean_text(str(v), patient.identifiers))
+        cleaned = _each(elem, lambda v: clean_text(str(v), patient.pattern))
         if cleaned in ("", []) or (isinstance(cleaned, list) and not any(cleaned)):
             elem.value = None
         else:

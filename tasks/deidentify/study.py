@@ -55,7 +55,16 @@ class SourceFile:
     member_path: str | None
 
 
-def deidentify_study(files: list[SourceFile], ctx: DeidContext) -> list[dict]:
+@dataclass(frozen=True)
+class StudyResult:
+    """One row per file, and the identifying values the study's files held (private zone only:
+    the verification gate looks for them in the output)."""
+
+    rows: list[dict]
+    identifiers: set[str]
+
+
+def deidentify_study(files: list[SourceFile], ctx: DeidContext) -> StudyResult:
     """De-identify every file of one study into ``ctx.out_dir``; one result row per file."""
     profile = load_profile(ctx.options)
     siteid = ctx.keys.siteid(ctx.site_id)
@@ -67,14 +76,16 @@ def deidentify_study(files: list[SourceFile], ctx: DeidContext) -> list[dict]:
         return uid_cache[original]
 
     rows = []
+    identifiers: set[str] = set()
     for f in files:
         try:
-            rows.append(_deidentify_file(f, ctx, profile, siteid, uid_map))
+            rows.append(_deidentify_file(f, ctx, profile, siteid, uid_map, identifiers))
         except _Quarantine as q:
             rows.append(_quarantined(f, q.reason))
         except Exception as err:  # noqa: BLE001 - any failure quarantines this file only
             rows.append(_quarantined(f, f"cannot de-identify ({type(err).__name__})"))
-    return rows
+    identifiers.update(uid_cache)
+    return StudyResult(rows=rows, identifiers=identifiers)
 
 
 class _Quarantine(Exception):
@@ -101,7 +112,8 @@ def _patient_age(ds: Dataset) -> str | None:
     return f"{min(years, 90):03d}Y"
 
 
-def _deidentify_file(f: SourceFile, ctx: DeidContext, profile, siteid: str, uid_map) -> dict:
+def _deidentify_file(f: SourceFile, ctx: DeidContext, profile, siteid: str, uid_map,
+                     identifiers: set[str]) -> dict:
     try:
         ds = dcmread(f.staged_path)
     except Exception as err:  # noqa: BLE001
@@ -119,6 +131,8 @@ def _deidentify_file(f: SourceFile, ctx: DeidContext, profile, siteid: str, uid_
         offset_days=offset,
         identifiers=identifying_values(ds),
     )
+    identifiers.update(patient.identifiers)
+    identifiers.add(source_pid)
     if "retain_patient_chars" in profile.options and not ds.get("PatientAge"):
         age = _patient_age(ds)
         if age:
