@@ -163,6 +163,49 @@ def query(
     print_table(columns, rows)
 
 
+@app.command()
+def verify(
+    release: Annotated[Path, typer.Argument(help="release folder")],
+    work: Annotated[list[Path] | None, typer.Option(
+        help="private work folder whose identifier lists to search for (repeatable)")] = None,
+    option: Annotated[list[str] | None, typer.Option(
+        help="de-identification option the release was made with (repeatable)")] = None,
+) -> None:
+    """Check a release: profile structure of every file, and (with --work) every identifier
+    seen at the sources, in file headers, names and catalog rows. Exit 1 on any finding."""
+    from schemas.config import DeidConfig
+    from tasks import verify as gate
+    from tasks.deidentify.profile import load_profile
+
+    if not release.is_dir():
+        _fail(f"no release folder at {release}", 2)
+    try:
+        profile = load_profile(tuple(option) if option else DeidConfig().options)
+    except ValueError as err:
+        _fail(str(err), 2)
+    matcher = None
+    if work:
+        lists = [p for w in work for p in sorted(w.glob("*/index/*.identifiers.parquet"))]
+        if not lists:
+            _fail("no identifier lists under --work (they are written by radrepo run)", 2)
+        matcher = gate.read_identifiers(lists)
+    findings = gate.scan_release_files(release, matcher, profile)
+    if matcher is not None:
+        import pyarrow.parquet as pq
+
+        for part in sorted((release / "catalog").rglob("*.parquet")):
+            findings += gate.scan_table(str(part.relative_to(release)), pq.read_table(part),
+                                        matcher)
+    files = sum(1 for _ in (release / "dicom").rglob("*.dcm"))
+    for finding in findings:
+        console.print(str(finding), highlight=False, markup=False)
+    console.print(f"{files} DICOM files checked, {len(findings)} finding(s)"
+                  + ("" if matcher else " (structure only: give --work to search for "
+                     "the sources' identifiers)"), highlight=False)
+    if findings:
+        raise typer.Exit(1)
+
+
 def print_table(columns: list[str], rows: list[tuple]) -> None:
     table = Table(*columns)
     for row in rows:

@@ -65,15 +65,14 @@ class IdentifierMatcher:
             parts.append(rf"(?<![0-9.])(?:{alt})(?![0-9])(?!\.[0-9])")
         pattern = "|".join(parts) or r"(?!x)x"
         self.text = re.compile(pattern, re.IGNORECASE)
-        self.latin1 = re.compile(pattern.encode("latin-1", "backslashreplace"), re.IGNORECASE)
-        self.utf8 = re.compile(pattern.encode("utf-8"), re.IGNORECASE)
 
     def in_text(self, text: str) -> bool:
         return not self.empty and self.text.search(text) is not None
 
     def in_bytes(self, data: bytes) -> bool:
-        return not self.empty and (self.utf8.search(data) is not None
-                                   or self.latin1.search(data) is not None)
+        """Search raw bytes read as UTF-8 and as Latin-1 (the character sets a header uses)."""
+        return not self.empty and (self.in_text(data.decode("utf-8", "replace"))
+                                   or self.in_text(data.decode("latin-1")))
 
 
 def header_bytes(data: bytes) -> bytes:
@@ -154,6 +153,8 @@ def check_structure(path: str, shown_as: str, profile: Profile) -> list[Finding]
         name = elem.keyword or str(elem.tag)
         if action == "X" and (tag >> 16) % 2 == 0:
             bad(name, "present although the profile removes it")
+        elif action == "Z" and elem.VR != "SQ" and elem.value not in (None, ""):
+            bad(name, "has a value although the profile empties it")
         elif action == "safe-private":
             continue
         elif elem.tag.is_private and profile.private_action == "X":
