@@ -36,8 +36,26 @@ DUMMY_BY_VR: dict[str, object] = {
     "UC": "ANONYMIZED",
     "UR": "ANONYMIZED",
     "UT": "ANONYMIZED",
+    "AT": 0,
+    "FD": 0.0,
+    "FL": 0.0,
+    "SL": 0,
+    "SS": 0,
+    "SV": 0,
+    "UL": 0,
+    "US": 0,
+    "UV": 0,
+    "OB": b"\0\0",
+    "OD": b"\0" * 8,
+    "OF": b"\0" * 4,
+    "OL": b"\0" * 4,
+    "OV": b"\0" * 8,
+    "OW": b"\0\0",
+    "UN": b"\0\0",
 }
 TEXT_VRS = frozenset({"LO", "LT", "SH", "ST", "UC", "UT", "PN"})
+# kept values of these VRs are searched for the file's own identifiers before they pass
+SCANNED_VRS = TEXT_VRS | {"CS", "AE", "UR"}
 _LONG_NUMBER = re.compile(r"\d{5,}")
 _DATE_LIKE = re.compile(r"\b\d{1,4}[-/.]\d{1,2}[-/.]\d{1,4}\b")
 _SPACES = re.compile(r"\s{2,}")
@@ -69,11 +87,13 @@ class PatientContext:
         """Lower-cased encodings of the identifiers, to test raw values without decoding."""
         found = set()
         for ident in self.identifiers:
-            if len(ident) >= MIN_CLEANED_LENGTH:
+            if len(ident) < MIN_CLEANED_LENGTH:
+                continue
+            for form in {ident, ident.lower(), ident.upper(), ident.title()}:
                 for codec in ("utf-8", "latin-1"):
                     try:
-                        found.add(ident.lower().encode(codec))
-                    except UnicodeEncodeError:
+                        found.add(form.encode(codec).lower())  # bytes.lower(): ASCII only,
+                    except UnicodeEncodeError:               # as on the raw value side
                         continue
         return tuple(found)
 
@@ -156,14 +176,14 @@ def deidentify_dataset(ds: Dataset, profile: Profile, patient: PatientContext, u
             del ds[tag]
             continue
         if action == "computed":
-            continue
+            action = "Z"  # filled by set_computed at the top level; emptied anywhere nested
         if action == "safe-private":
             if not _is_safe_private(ds, tag, profile):
                 del ds[tag]
             continue
         raw = ds.get_item(tag)
         if action == "K" and raw.VR is not None and raw.VR not in ("SQ", "UI"):
-            if raw.VR not in TEXT_VRS or not _mentions_patient(raw, patient):
+            if raw.VR not in SCANNED_VRS or not _mentions_patient(raw, patient):
                 continue
             action = "C"  # kept free text that repeats an identifier of this file is cleaned
         elem = ds[tag]
@@ -172,7 +192,7 @@ def deidentify_dataset(ds: Dataset, profile: Profile, patient: PatientContext, u
         elif action == "K":
             if elem.VR == "UI" and elem.value:
                 elem.value = _map_uids(elem, uid_map, keep_standard=True)
-            elif elem.VR in TEXT_VRS and _mentions_patient(elem, patient):
+            elif elem.VR in SCANNED_VRS and _mentions_patient(elem, patient):
                 _clean(ds, tag, elem, patient)
         else:
             _apply_to_value(ds, tag, elem, action, patient, uid_map)
@@ -249,7 +269,7 @@ def _clean(ds: Dataset, tag, elem: DataElement, patient: PatientContext) -> None
         elem.value = _each(elem, lambda v: shift_da(v, patient.offset_days))
     elif elem.VR == "DT":
         elem.value = _each(elem, lambda v: shift_dt(v, patient.offset_days))
-    elif elem.VR in TEXT_VRS:
+    elif elem.VR in SCANNED_VRS:
         cleaned = _each(elem, lambda v: clean_text(str(v), patient.pattern))
         if cleaned in ("", []) or (isinstance(cleaned, list) and not any(cleaned)):
             elem.value = None
