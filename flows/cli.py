@@ -19,7 +19,7 @@ from schemas.config import ConfigError, RadrepoConfig, load_config, parse_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Build a de-identified, multi-site imaging research repository.")
-console = Console(width=max(Console().width, 160))
+console = Console(width=max(Console().width, 160), soft_wrap=True)
 
 DEMO_SECRET_FILE = "demo-secret"
 
@@ -161,6 +161,45 @@ def query(
         columns = [d[0] for d in result.description]
         rows = result.fetchall()
     print_table(columns, rows)
+
+
+@app.command()
+def deidentify(
+    in_dir: Annotated[Path, typer.Argument(help="export folder (files, trees, zips)")],
+    out_dir: Annotated[Path, typer.Argument(help="where the de-identified files go")],
+    site_id: Annotated[str, typer.Option(help="site code that keys pseudonyms and SITEID")] = (
+        "site"),
+    option: Annotated[list[str] | None, typer.Option(
+        help="de-identification option (repeatable); default: the pipeline's")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Dask worker processes")] = 1,
+    secret_env: Annotated[str, typer.Option(help="variable holding the HMAC secret")] = (
+        "RADREPO_SECRET"),
+) -> None:
+    """De-identify one folder with the pipeline's profile; exit 1 if anything was quarantined."""
+    from flows.deidentify_folder import deidentify_folder
+    from flows.secret import keys_from_env
+    from schemas.config import DeidConfig
+    from tasks.deidentify.profile import load_profile
+    from tasks.verify import LeakFound
+
+    if not in_dir.is_dir():
+        _fail(f"no folder at {in_dir}", 2)
+    try:
+        options = tuple(option) if option else DeidConfig().options
+        load_profile(options)
+        keys = keys_from_env(secret_env)
+        result = deidentify_folder(in_dir, out_dir, site_id, options, keys, workers)
+    except (SecretError, ValueError) as err:
+        _fail(str(err), 2)
+    except LeakFound as err:
+        _fail(str(err), 3)
+    console.print(f"{result.files_in} files in, {result.written} de-identified into {out_dir}, "
+                  f"{result.same_sop_uid} repeated SOP Instance UID(s) written once, "
+                  f"{sum(result.quarantined.values())} quarantined", highlight=False)
+    for reason, n in sorted(result.quarantined.items()):
+        console.print(f"  {n} quarantined: {reason}", highlight=False, markup=False)
+    if result.quarantined:
+        raise typer.Exit(1)
 
 
 @app.command()

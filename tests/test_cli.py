@@ -104,3 +104,22 @@ def test_demo_prints_counts_and_is_repeatable(prefect_server, tmp_path, monkeypa
     rebuilt = hashes(release)
     assert {k: v for k, v in rebuilt.items() if not k.startswith("catalog/runs/")} == {
         k: v for k, v in before.items() if not k.startswith("catalog/runs/")}
+
+
+def test_deidentify_command_cleans_a_folder(tmp_path):
+    from tests.test_deidentify import identified_ct
+
+    src, out = tmp_path / "export", tmp_path / "clean"
+    (src / "DOE_JANE").mkdir(parents=True)
+    identified_ct(src / "DOE_JANE" / "1.dcm", sop="1.2.3.1")
+    identified_ct(src / "DOE_JANE" / "2.dcm", sop="1.2.3.2")
+    (src / "DOE_JANE" / "notes.txt").write_text("call Jane")
+    result = runner.invoke(app, ["deidentify", str(src), str(out), "--site-id", "s9"])
+    assert result.exit_code == 1, result.output  # one file quarantined
+    assert "3 files in, 2 de-identified" in result.output and "not DICOM" in result.output
+    files = sorted(out.rglob("*.dcm"))
+    assert len(files) == 2 and all("DOE" not in str(f) for f in files)
+    assert all(b"DOE" not in f.read_bytes() for f in files)
+    (src / "DOE_JANE" / "notes.txt").unlink()
+    clean = runner.invoke(app, ["deidentify", str(src), str(tmp_path / "clean2")])
+    assert clean.exit_code == 0 and "0 quarantined" in clean.output

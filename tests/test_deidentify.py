@@ -214,3 +214,52 @@ def test_deidentification_is_byte_identical_across_runs(tmp_path):
     second = run_study(tmp_path / "two", [src])
     assert first[0]["sha256"] == second[0]["sha256"]
     assert Path(first[0]["output_path"]).read_bytes() == Path(second[0]["output_path"]).read_bytes()
+
+
+def _rewrite(path: Path, transfer_syntax, pixel_data: bytes | None = None) -> None:
+    ds = pydicom.dcmread(path)
+    if pixel_data is not None:
+        ds.PixelData = pixel_data
+    ds.file_meta.TransferSyntaxUID = transfer_syntax
+    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+
+
+def test_big_endian_input_becomes_little_endian_with_the_same_pixel_values(tmp_path):
+    import numpy as np
+    from pydicom.uid import ExplicitVRBigEndian
+
+    src = tmp_path / "be.dcm"
+    identified_ct(src)
+    values = np.arange(16, dtype=np.uint16) * 257
+    _rewrite(src, ExplicitVRBigEndian, values.astype(">u2").tobytes())
+    [row] = run_study(tmp_path, [src])
+    out = pydicom.dcmread(row["output_path"])
+    assert out.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert out.PixelData == values.astype("<u2").tobytes()
+    assert out.Rows == 4 and out.PatientID == KEYS.patient_id("site-x", "MRN77123")
+
+
+def test_deflated_input_is_read_and_written_explicit(tmp_path):
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    src = tmp_path / "deflated.dcm"
+    pixels = identified_ct(src)
+    _rewrite(src, DeflatedExplicitVRLittleEndian)
+    [row] = run_study(tmp_path, [src])
+    out = pydicom.dcmread(row["output_path"])
+    assert out.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian and out.PixelData == pixels
+
+
+def test_compressed_pixel_data_passes_through_untouched(tmp_path):
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    src = tmp_path / "jpeg.dcm"
+    identified_ct(src)
+    encapsulated = encapsulate([b"\xff\xd8 not really a jpeg frame \xff\xd9"])
+    _rewrite(src, JPEGBaseline8Bit, encapsulated)
+    [row] = run_study(tmp_path, [src])
+    out = pydicom.dcmread(row["output_path"])
+    assert out.file_meta.TransferSyntaxUID == JPEGBaseline8Bit
+    assert out.PixelData == encapsulated
+    assert row["pixel_sha256"] == hashlib.sha256(encapsulated).hexdigest()

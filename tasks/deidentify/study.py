@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from io import BytesIO
 from pathlib import Path
 
+import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import dcmwrite
@@ -142,9 +143,9 @@ def _deidentify_file(f: SourceFile, ctx: DeidContext, profile, siteid: str, uid_
     deidentify_dataset(ds, profile, patient, uid_map)
     set_computed(ds, profile, patient)
 
-    out_ts = source_ts if (source_ts.is_compressed or not source_ts.is_little_endian) else (
-        ExplicitVRLittleEndian
-    )
+    out_ts = source_ts if source_ts.is_compressed else ExplicitVRLittleEndian
+    if not source_ts.is_little_endian and "PixelData" in ds:
+        ds.PixelData = _little_endian_words(ds.PixelData, int(ds.get("BitsAllocated") or 8))
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -193,6 +194,14 @@ def _deidentify_file(f: SourceFile, ctx: DeidContext, profile, siteid: str, uid_
         "exam_time": _shift_exam_time(f.exam_time, offset),
         "member_key": ctx.keys.opaque("member", f.member_path) if f.member_path else None,
     }
+
+
+def _little_endian_words(data: bytes, bits_allocated: int) -> bytes:
+    """Big-endian native pixel words in little-endian order (a byte swap, not a decode)."""
+    width = bits_allocated // 8
+    if width <= 1:
+        return data
+    return np.frombuffer(data, dtype=f">u{width}").astype(f"<u{width}").tobytes()
 
 
 def _as_date(value) -> object:
