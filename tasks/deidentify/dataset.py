@@ -56,6 +56,8 @@ DUMMY_BY_VR: dict[str, object] = {
 TEXT_VRS = frozenset({"LO", "LT", "SH", "ST", "UC", "UT", "PN"})
 # kept values of these VRs are searched for the file's own identifiers before they pass
 SCANNED_VRS = TEXT_VRS | {"CS", "AE", "UR"}
+# what the C (clean) action changes; under C every other VR is kept as it is
+CLEANED_VRS = SCANNED_VRS | {"DA", "DT", "SQ"}
 _LONG_NUMBER = re.compile(r"\d{5,}")
 _DATE_LIKE = re.compile(r"\b\d{1,4}[-/.]\d{1,2}[-/.]\d{1,4}\b")
 _SPACES = re.compile(r"\s{2,}")
@@ -182,6 +184,8 @@ def deidentify_dataset(ds: Dataset, profile: Profile, patient: PatientContext, u
                 del ds[tag]
             continue
         raw = ds.get_item(tag)
+        if action == "C" and raw.VR is not None and raw.VR not in CLEANED_VRS:
+            action = "K"  # times, codes and numbers carry no identity once dates have moved
         if action == "K" and raw.VR is not None and raw.VR not in ("SQ", "UI"):
             if raw.VR not in SCANNED_VRS or not _mentions_patient(raw, patient):
                 continue

@@ -16,7 +16,7 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import dcmwrite
-from pydicom.uid import UID, ExplicitVRLittleEndian
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 from schemas.pipeline import OK, QUARANTINED
 from tasks.deidentify.dataset import (
@@ -28,6 +28,7 @@ from tasks.deidentify.dataset import (
 from tasks.deidentify.keys import PseudonymKeys, normalize_patient_id
 from tasks.deidentify.profile import load_profile
 from tasks.deidentify.remap import current_id
+from tasks.deidentify.writer import encode_file
 
 IMPLEMENTATION_CLASS_UID = "2.25.203861385734931462715532861129339624491"
 IMPLEMENTATION_VERSION_NAME = "RADREPO_0_1"
@@ -116,7 +117,9 @@ def _patient_age(ds: Dataset) -> str | None:
 def _deidentify_file(f: SourceFile, ctx: DeidContext, profile, siteid: str, uid_map,
                      identifiers: set[str]) -> dict:
     try:
-        ds = dcmread(f.staged_path)
+        with open(f.staged_path, "rb") as fh:
+            source = fh.read()
+        ds = dcmread(BytesIO(source))
     except Exception as err:  # noqa: BLE001
         raise _Quarantine(f"unreadable DICOM ({type(err).__name__})") from None
     source_pid = str(ds.get("PatientID") or "").strip()
@@ -154,12 +157,23 @@ def _deidentify_file(f: SourceFile, ctx: DeidContext, profile, siteid: str, uid_
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
     ds.file_meta = meta
 
-    pixels = ds.get("PixelData")
-    buffer = BytesIO()
-    dcmwrite(buffer, ds, enforce_file_format=True)
-    data = buffer.getvalue()
+    pixels = _pixel_bytes(ds)
+    copyable = (ds.original_encoding == (False, True)
+                and source_ts != DeflatedExplicitVRLittleEndian)
+    if copyable:
+        chunks = encode_file(ds, meta, source)
+    else:
+        buffer = BytesIO()
+        dcmwrite(buffer, ds, enforce_file_format=True)
+        chunks = [buffer.getvalue()]
+    if _short_pixel_data(ds, pixels, out_ts):
+        raise _Quarantine("truncated file (pixel data shorter than the header says)")
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk)
     out_path = Path(ctx.out_dir) / f"{f.object_id}.dcm"
-    out_path.write_bytes(data)
+    with open(out_path, "wb") as out:
+        out.writelines(chunks)
 
     return {
         "seq": f.seq,
@@ -186,14 +200,33 @@ def _deidentify_file(f: SourceFile, ctx: DeidContext, profile, siteid: str, uid_
         "transfer_syntax": str(out_ts),
         "burned_in": str(ds.get("BurnedInAnnotation") or "") or None,
         "has_pixels": pixels is not None,
-        "size_bytes": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
+        "size_bytes": sum(len(c) for c in chunks),
+        "sha256": digest.hexdigest(),
         "pixel_sha256": hashlib.sha256(pixels).hexdigest() if pixels is not None else None,
         "output_path": str(out_path),
         "exam_key": ctx.keys.opaque("exam", ctx.site_id, f.exam_id) if f.exam_id else None,
         "exam_time": _shift_exam_time(f.exam_time, offset),
         "member_key": ctx.keys.opaque("member", f.member_path) if f.member_path else None,
     }
+
+
+def _pixel_bytes(ds: Dataset) -> bytes | None:
+    """The Pixel Data value as stored (raw bytes, never decoded into an array)."""
+    if 0x7FE00010 not in ds:
+        return None
+    return ds.get_item(0x7FE00010).value
+
+
+def _short_pixel_data(ds: Dataset, pixels: bytes | None, ts: UID) -> bool:
+    """Native pixel data shorter than Rows x Columns x frames x samples x bits says."""
+    if pixels is None or ts.is_compressed:
+        return False
+    try:
+        expected = (int(ds.Rows) * int(ds.Columns) * int(ds.get("NumberOfFrames") or 1)
+                    * int(ds.get("SamplesPerPixel") or 1) * int(ds.BitsAllocated)) // 8
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return len(pixels) < expected
 
 
 def _little_endian_words(data: bytes, bits_allocated: int) -> bytes:
