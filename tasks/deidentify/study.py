@@ -14,24 +14,29 @@ from pathlib import Path
 
 import numpy as np
 from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import dcmwrite
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from schemas.pipeline import OK, QUARANTINED
-from tasks.deidentify.dataset import (
-    PatientContext,
-    deidentify_dataset,
-    identifying_values,
-    set_computed,
-)
+from tasks.deidentify.dataset import PatientContext
 from tasks.deidentify.keys import PseudonymKeys, normalize_patient_id
 from tasks.deidentify.profile import load_profile
 from tasks.deidentify.remap import current_id
-from tasks.deidentify.writer import encode_file
+from tasks.deidentify.rewrite import (
+    Rewriter,
+    computed_elements,
+    dataset_start,
+    elements,
+    encode_file_meta,
+    identifiers_from,
+    read_charset,
+    top_values,
+)
 
 IMPLEMENTATION_CLASS_UID = "2.25.203861385734931462715532861129339624491"
 IMPLEMENTATION_VERSION_NAME = "RADREPO_0_1"
+PATIENT_ID, PATIENT_AGE, BIRTH_DATE = 0x00100020, 0x00101010, 0x00100030
+STUDY_DATE, SERIES_DATE, CONTENT_DATE = 0x00080020, 0x00080021, 0x00080023
 
 
 @dataclass(frozen=True)
@@ -100,12 +105,11 @@ def _quarantined(f: SourceFile, reason: str) -> dict:
     return {"seq": f.seq, "object_id": f.object_id, "status": QUARANTINED, "reason": reason}
 
 
-def _patient_age(ds: Dataset) -> str | None:
-    birth = str(ds.get("PatientBirthDate") or "")
-    when = str(ds.get("StudyDate") or ds.get("SeriesDate") or ds.get("ContentDate") or "")
+def _patient_age(birth: str | None, when: str | None) -> str | None:
+    """Patient's Age (AS) at ``when`` from the birth date; ages above 89 become 090Y."""
     try:
-        b = datetime.strptime(birth[:8], "%Y%m%d").date()
-        s = datetime.strptime(when[:8], "%Y%m%d").date()
+        b = datetime.strptime((birth or "")[:8], "%Y%m%d").date()
+        s = datetime.strptime((when or "")[:8], "%Y%m%d").date()
     except ValueError:
         return None
     years = s.year - b.year - ((s.month, s.day) < (b.month, b.day))
@@ -114,60 +118,70 @@ def _patient_age(ds: Dataset) -> str | None:
     return f"{min(years, 90):03d}Y"
 
 
+def explicit_little_endian(source: bytes) -> tuple[memoryview, int, UID]:
+    """The file as explicit VR little endian bytes, the dataset offset and the source transfer
+    syntax. Explicit little endian (compressed included) is used as read; implicit VR,
+    deflated and big-endian files are re-encoded once by pydicom (big-endian pixel words
+    byte-swapped, never decoded)."""
+    buf = memoryview(source)
+    found = dataset_start(buf)
+    if found is not None:
+        start, ts_text = found
+        ts = UID(ts_text or ExplicitVRLittleEndian)
+        if ts == ExplicitVRLittleEndian or (ts.is_compressed and ts.is_little_endian
+                                            and not ts.is_deflated):
+            return buf, start, ts
+    ds = dcmread(BytesIO(source))
+    ts = UID(ds.file_meta.get("TransferSyntaxUID") or ExplicitVRLittleEndian)
+    if not ts.is_little_endian and "PixelData" in ds:
+        ds.PixelData = _little_endian_words(ds.PixelData, int(ds.get("BitsAllocated") or 8))
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    out = BytesIO()
+    dcmwrite(out, ds, enforce_file_format=True, implicit_vr=False, little_endian=True)
+    buf = memoryview(out.getvalue())
+    return buf, dataset_start(buf)[0], ts
+
+
 def _deidentify_file(f: SourceFile, ctx: DeidContext, profile, siteid: str, uid_map,
                      identifiers: set[str]) -> dict:
     try:
         with open(f.staged_path, "rb") as fh:
             source = fh.read()
-        ds = dcmread(BytesIO(source))
+        buf, start, source_ts = explicit_little_endian(source)
+        raws, _ = elements(buf, start, len(buf))
+        encodings = read_charset(buf, raws)
+        values = top_values(buf, raws, encodings)
     except Exception as err:  # noqa: BLE001
         raise _Quarantine(f"unreadable DICOM ({type(err).__name__})") from None
-    source_pid = str(ds.get("PatientID") or "").strip()
+    source_pid = (values.get(PATIENT_ID) or "").strip()
     if not source_pid:
         raise _Quarantine("no Patient ID")
-    if "SOPInstanceUID" not in ds:
-        raise _Quarantine("no SOP Instance UID")
     patient_key = current_id(normalize_patient_id(source_pid), ctx.remap)
     offset = ctx.keys.date_offset_days(ctx.site_id, patient_key)
     patient = PatientContext(
         pseudonym=ctx.keys.patient_id(ctx.site_id, patient_key),
         siteid=siteid,
         offset_days=offset,
-        identifiers=identifying_values(ds),
+        identifiers=identifiers_from(values),
     )
     identifiers.update(patient.identifiers)
     identifiers.add(source_pid)
-    if "retain_patient_chars" in profile.options and not ds.get("PatientAge"):
-        age = _patient_age(ds)
-        if age:
-            ds.PatientAge = age
-    source_ts = UID(ds.file_meta.get("TransferSyntaxUID") or ExplicitVRLittleEndian)
-
-    deidentify_dataset(ds, profile, patient, uid_map)
-    set_computed(ds, profile, patient)
-
+    rewriter = Rewriter(buf, profile, patient, uid_map, encodings)
+    age = None
+    if "retain_patient_chars" in profile.options and not values.get(PATIENT_AGE):
+        age = _patient_age(values.get(BIRTH_DATE), values.get(STUDY_DATE)
+                           or values.get(SERIES_DATE) or values.get(CONTENT_DATE))
+    chunks = rewriter.level(raws, nested=False, extra=computed_elements(profile, patient, age))
+    value = rewriter.decoded
+    sop_uid, sop_class = value(0x00080018), value(0x00080016)
+    if not sop_uid:
+        raise _Quarantine("no SOP Instance UID")
     out_ts = source_ts if source_ts.is_compressed else ExplicitVRLittleEndian
-    if not source_ts.is_little_endian and "PixelData" in ds:
-        ds.PixelData = _little_endian_words(ds.PixelData, int(ds.get("BitsAllocated") or 8))
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = out_ts
-    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-    ds.file_meta = meta
-
-    pixels = _pixel_bytes(ds)
-    copyable = (ds.original_encoding == (False, True)
-                and source_ts != DeflatedExplicitVRLittleEndian)
-    if copyable:
-        chunks = encode_file(ds, meta, source)
-    else:
-        buffer = BytesIO()
-        dcmwrite(buffer, ds, enforce_file_format=True)
-        chunks = [buffer.getvalue()]
-    if _short_pixel_data(ds, pixels, out_ts):
+    pixels = buf[rewriter.pixel[0]:rewriter.pixel[1]] if rewriter.pixel else None
+    if _short_pixel_data(value, pixels, out_ts):
         raise _Quarantine("truncated file (pixel data shorter than the header says)")
+    chunks.insert(0, encode_file_meta(sop_class or "", sop_uid, str(out_ts),
+                                      IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME))
     digest = hashlib.sha256()
     for chunk in chunks:
         digest.update(chunk)
@@ -181,24 +195,24 @@ def _deidentify_file(f: SourceFile, ctx: DeidContext, profile, siteid: str, uid_
         "status": OK,
         "reason": None,
         "patient_id": patient.pseudonym,
-        "study_uid": str(ds.get("StudyInstanceUID") or ""),
-        "series_uid": str(ds.get("SeriesInstanceUID") or ""),
-        "sop_uid": str(ds.SOPInstanceUID),
-        "sop_class_uid": str(ds.get("SOPClassUID") or ""),
-        "modality": str(ds.get("Modality") or ""),
-        "study_date": _as_date(ds.get("StudyDate")),
-        "study_time": str(ds.get("StudyTime") or "") or None,
-        "study_description": str(ds.get("StudyDescription") or "") or None,
-        "series_description": str(ds.get("SeriesDescription") or "") or None,
-        "body_part": str(ds.get("BodyPartExamined") or "") or None,
-        "view_position": str(ds.get("ViewPosition") or "") or None,
-        "image_type": "\\".join(ds.get("ImageType") or []) or None,
-        "slice_thickness": _as_float(ds.get("SliceThickness")),
-        "instance_number": _as_int(ds.get("InstanceNumber")),
-        "rows": _as_int(ds.get("Rows")),
-        "columns": _as_int(ds.get("Columns")),
+        "study_uid": value(0x0020000D) or "",
+        "series_uid": value(0x0020000E) or "",
+        "sop_uid": sop_uid,
+        "sop_class_uid": sop_class or "",
+        "modality": value(0x00080060) or "",
+        "study_date": _as_date(value(STUDY_DATE)),
+        "study_time": value(0x00080030),
+        "study_description": value(0x00081030),
+        "series_description": value(0x0008103E),
+        "body_part": value(0x00180015),
+        "view_position": value(0x00185101),
+        "image_type": value(0x00080008),
+        "slice_thickness": _as_float(value(0x00180050)),
+        "instance_number": _as_int(value(0x00200013)),
+        "rows": _as_int(value(0x00280010)),
+        "columns": _as_int(value(0x00280011)),
         "transfer_syntax": str(out_ts),
-        "burned_in": str(ds.get("BurnedInAnnotation") or "") or None,
+        "burned_in": value(0x00280301),
         "has_pixels": pixels is not None,
         "size_bytes": sum(len(c) for c in chunks),
         "sha256": digest.hexdigest(),
@@ -210,21 +224,15 @@ def _deidentify_file(f: SourceFile, ctx: DeidContext, profile, siteid: str, uid_
     }
 
 
-def _pixel_bytes(ds: Dataset) -> bytes | None:
-    """The Pixel Data value as stored (raw bytes, never decoded into an array)."""
-    if 0x7FE00010 not in ds:
-        return None
-    return ds.get_item(0x7FE00010).value
-
-
-def _short_pixel_data(ds: Dataset, pixels: bytes | None, ts: UID) -> bool:
+def _short_pixel_data(value, pixels, ts: UID) -> bool:
     """Native pixel data shorter than Rows x Columns x frames x samples x bits says."""
     if pixels is None or ts.is_compressed:
         return False
     try:
-        expected = (int(ds.Rows) * int(ds.Columns) * int(ds.get("NumberOfFrames") or 1)
-                    * int(ds.get("SamplesPerPixel") or 1) * int(ds.BitsAllocated)) // 8
-    except (AttributeError, TypeError, ValueError):
+        expected = (int(value(0x00280010)) * int(value(0x00280011))
+                    * int(value(0x00280008) or 1) * int(value(0x00280002) or 1)
+                    * int(value(0x00280100))) // 8
+    except (TypeError, ValueError):
         return False
     return len(pixels) < expected
 
