@@ -275,7 +275,7 @@ def _ingest_member(objects: _Objects, archive, info: zipfile.ZipInfo, zip_key: s
     _index_staged(objects, key, str(staged), size, digest, extra)
 
 
-def _ingest_file(objects: _Objects, fs, root: str, key: str) -> None:
+def _ingest_file(objects: _Objects, fs, root: str, key: str, known_sha256: str | None) -> None:
     path = f"{root}/{key}"
     local = isinstance(fs, LocalFileSystem)
     try:
@@ -289,7 +289,7 @@ def _ingest_file(objects: _Objects, fs, root: str, key: str) -> None:
                 _ingest_zip(objects, fs, path, key)
                 return
         if local:
-            size, digest = os.path.getsize(path), _hash_file(fs, path)
+            size, digest = os.path.getsize(path), known_sha256 or _hash_file(fs, path)
             staged = path
         else:
             staged_path = objects.staging / objects.next_id()
@@ -311,7 +311,7 @@ def ingest_batch(batch: BatchRef, source_url: str, work_dir: str) -> IngestResul
         shutil.rmtree(objects.staging)
     objects.staging.mkdir(parents=True)
     for obj in batch.objects:
-        _ingest_file(objects, fs, batch.root, obj.key)
+        _ingest_file(objects, fs, batch.root, obj.key, obj.sha256)
     index = pa.Table.from_pylist(objects.rows, schema=SOURCE_INDEX)
     quarantine = pa.Table.from_pylist(objects.quarantined, schema=QUARANTINE)
     index_dir = work / "index"

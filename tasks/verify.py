@@ -38,45 +38,75 @@ class Finding:
         return f"{self.where}: {self.element}: {self.what}"
 
 
-class IdentifierMatcher:
-    """Word-bounded, case-insensitive search for a set of identifying values, in text or bytes.
+TOKEN = re.compile(r"[0-9]+(?:\.[0-9]+)+|[^\W_]+")
 
-    Words shorter than 3 letters and numbers shorter than 5 digits are too common to search for
-    without drowning real findings; numbers and UIDs only match between non-digits, so an ID
-    inside a longer number or UID is no finding.
+
+def _tokens(text: str) -> list[str]:
+    return TOKEN.findall(text.lower())
+
+
+class IdentifierMatcher:
+    """Case-insensitive search for a set of identifying values, in text or bytes, by token.
+
+    Text is cut into tokens (words, numbers, dotted numbers such as UIDs); a single-token
+    identifier matches a whole token only, so an ID inside a longer number or UID, or a name
+    inside a longer word, is no finding. Identifiers of several tokens (a full name, an
+    address) match as a phrase. Words under 3 letters and numbers under 5 digits are too
+    common to search for without drowning real findings.
     """
 
     def __init__(self, values: Iterable[str]):
-        words, numbers = set(), set()
+        self.words: set[str] = set()
+        phrases: set[str] = set()
         for value in values:
-            v = value.strip()
-            if re.fullmatch(r"[0-9.\-/ ]+", v):
-                if sum(c.isdigit() for c in v) >= MIN_NUMBER:
-                    numbers.add(v)
+            v = value.strip().lower()
+            toks = _tokens(v)
+            if not toks:
+                continue
+            if len(toks) == 1 and toks[0] == v:
+                digits = sum(c.isdigit() for c in v)
+                if (digits >= MIN_NUMBER) if digits == len(v.replace(".", "")) else (
+                        len(v) >= MIN_WORD):
+                    self.words.add(v)
             elif len(v) >= MIN_WORD:
-                words.add(v)
-        self.empty = not (words or numbers)
-        parts = []
-        if words:
-            alt = "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
-            parts.append(rf"(?<![A-Za-z0-9])(?:{alt})(?![A-Za-z0-9])")
-        if numbers:
-            alt = "|".join(re.escape(n) for n in sorted(numbers, key=len, reverse=True))
-            parts.append(rf"(?<![0-9.])(?:{alt})(?![0-9])(?!\.[0-9])")
-        pattern = "|".join(parts) or r"(?!x)x"
-        self.text = re.compile(pattern, re.IGNORECASE)
+                phrases.add(v)
+        alternation = "|".join(re.escape(p) for p in sorted(phrases, key=len, reverse=True))
+        self.phrases = (re.compile(rf"(?<![^\W_])(?:{alternation})(?![^\W_])", re.IGNORECASE)
+                        if phrases else None)
+        self.empty = not (self.words or phrases)
 
     def in_text(self, text: str) -> bool:
-        return not self.empty and self.text.search(text) is not None
+        if self.empty:
+            return False
+        if not self.words.isdisjoint(_tokens(text)):
+            return True
+        return self.phrases is not None and self.phrases.search(text) is not None
 
     def in_bytes(self, data: bytes) -> bool:
         """Search raw bytes read as UTF-8 and as Latin-1 (the character sets a header uses)."""
-        return not self.empty and (self.in_text(data.decode("utf-8", "replace"))
-                                   or self.in_text(data.decode("latin-1")))
+        if self.empty:
+            return False
+        if data.isascii():
+            return self.in_text(data.decode("ascii"))
+        return self.in_text(data.decode("utf-8", "replace")) or self.in_text(
+            data.decode("latin-1"))
 
 
-def header_bytes(data: bytes) -> bytes:
-    """A DICOM file's bytes before its pixel data (the whole file if it has none)."""
+HEAD_READ = 1 << 16
+
+
+def header_bytes(path: str) -> bytes:
+    """A DICOM file's bytes before its pixel data (the whole file if it has none).
+
+    Headers are small: the first 64 KiB usually hold the pixel data tag, so the pixels are
+    not read at all; otherwise the whole file is read and the last such tag taken.
+    """
+    with open(path, "rb") as fh:
+        head = fh.read(HEAD_READ)
+        cut = head.find(b"\xe0\x7f\x10\x00O")
+        if cut > 0:
+            return head[:cut]
+        data = head + fh.read()
     cut = max(data.rfind(tag) for tag in PIXEL_TAGS)
     return data[:cut] if cut > 0 else data
 
@@ -103,9 +133,7 @@ def locate(path: str, matcher: IdentifierMatcher) -> list[str]:
 
 def scan_dicom_file(path: str, shown_as: str, matcher: IdentifierMatcher) -> list[Finding]:
     """Identifier findings in one DICOM file's header (nested and private elements included)."""
-    with open(path, "rb") as fh:
-        data = fh.read()
-    if not matcher.in_bytes(header_bytes(data)):
+    if not matcher.in_bytes(header_bytes(path)):
         return []
     return [Finding(shown_as, element, "identifying value") for element in locate(path, matcher)]
 

@@ -1,0 +1,255 @@
+"""Benchmark radrepo's de-identification side by side with peers and a raw file copy.
+
+    .venv/bin/python bench/deid.py [--rounds 3] [--out bench/out] [--no-peers]
+
+Builds the corpus with ``radrepo synth`` (400 CT slices 512x512 and 8 radiographs 2048x2048 from
+the synthetic tree site), installs the Python peers (dicognito, deid, dicom-anonymizer) into
+their own virtualenv and Debian's pixelmed-apps, then times in one run, several rounds each,
+medians: ``cp -r``; radrepo's de-identification step alone on one and on two Dask workers; the
+whole ``site_batch`` flow (two workers); each peer. Clocks cover processing only: cluster,
+interpreter and JVM start-up are excluded for everyone (pixelmed reports its own time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PEERS = ("dicognito", "deid", "dicom-anonymizer")
+PIXELMED_JAR = Path("/usr/share/java/pixelmed.jar")
+OPTIONS = ("retain_long_modif_dates", "retain_patient_chars", "clean_descriptors")
+CT_FILES, XR_FILES = 400, 8
+
+
+def build_corpus(out: Path) -> Path:
+    """400 CT slices and 8 radiographs from a ``radrepo synth`` tree site (cached)."""
+    corpus = out / "corpus"
+    marker = out / "corpus.complete"
+    if marker.exists():
+        return corpus
+    synth = out / "synth"
+    radrepo = str(Path(sys.executable).parent / "radrepo")
+    subprocess.run([radrepo, "synth", str(synth), "--sites", "2",
+                    "--patients", "4", "--ct-slices", "100", "--ct-size", "512",
+                    "--cr-size", "2048", "--seed", "1"], check=True, cwd=ROOT,
+                   stdout=subprocess.DEVNULL)
+    truth = json.loads((synth / "ground_truth.json").read_text())
+    tree = next(s for s in truth["sites"].values() if s["layout"] == "tree")
+    ct = [f for f in tree["files"] if f["role"] == "ct_axial"][:CT_FILES]
+    xr = [f for f in tree["files"] if f["role"] in ("cr_frontal", "cr_lateral")][:XR_FILES]
+    if len(ct) < CT_FILES or len(xr) < XR_FILES:
+        raise SystemExit(f"synthetic site too small: {len(ct)} CT, {len(xr)} radiographs")
+    if corpus.exists():
+        shutil.rmtree(corpus)
+    for f in ct + xr:
+        target = corpus / f["key"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(synth / tree["source"] / f["key"], target)
+    shutil.rmtree(synth)
+    marker.write_text("ok\n")
+    return corpus
+
+
+def peers_python(out: Path) -> Path:
+    """A virtualenv holding the Python peers, apart from radrepo's own."""
+    venv = out / "peers-venv"
+    python = venv / "bin" / "python"
+    if not (venv / ".complete").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet",
+                        "--disable-pip-version-check", *PEERS], check=True)
+        (venv / ".complete").write_text("ok\n")
+    return python
+
+
+def ensure_pixelmed() -> bool:
+    if PIXELMED_JAR.exists():
+        return True
+    if os.geteuid() != 0:
+        return False
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends",
+                    "pixelmed-apps"], check=False, env=env, stdout=subprocess.DEVNULL)
+    return PIXELMED_JAR.exists()
+
+
+def fresh(path: Path) -> Path:
+    """``path`` removed, its parent present: a clean target for one round."""
+    if path.exists():
+        shutil.rmtree(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def time_cp(corpus: Path, scratch: Path) -> float:
+    dst = fresh(scratch / "cp")
+    start = time.perf_counter()
+    subprocess.run(["cp", "-r", str(corpus), str(dst)], check=True)
+    return time.perf_counter() - start
+
+
+def time_peer(python: Path, tool: str, corpus: Path, scratch: Path) -> float:
+    dst = fresh(scratch / tool)
+    result = subprocess.run([str(python), str(ROOT / "bench" / "peer_driver.py"), tool,
+                             str(corpus), str(dst)], check=True, capture_output=True, text=True)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    if report["written"] < report["files"] * 0.9:
+        raise RuntimeError(f"{tool} wrote {report['written']} of {report['files']} files")
+    return report["seconds"]
+
+
+def time_pixelmed(corpus: Path, scratch: Path) -> float:
+    dst = fresh(scratch / "pixelmed")
+    dst.mkdir(parents=True)
+    control = scratch / "redaction-control.txt"
+    control.write_text("")
+    start = time.perf_counter()
+    result = subprocess.run(["java", "-cp", str(PIXELMED_JAR),
+                             "com.pixelmed.apps.DeidentifyAndRedact", str(corpus), str(dst),
+                             str(control), "BLOCK", "KEEPSAFEPRIVATE"],
+                            capture_output=True, text=True, check=True)
+    wall = time.perf_counter() - start
+    found = re.search(r"entire set took = (\d+) ms", result.stderr + result.stdout)
+    return int(found.group(1)) / 1000 if found else wall
+
+
+def radrepo_index(corpus: Path, work: Path):
+    from schemas.config import SiteConfig
+    from tasks import ingest
+
+    site = SiteConfig(site_id="bench", source={"kind": "folder", "path": str(corpus)})
+    [batch] = ingest.discover_batches(site, str(work), set())
+    return ingest.ingest_batch(batch, str(corpus), str(work)).index
+
+
+def time_radrepo_step(index, client, scratch: Path) -> float:
+    from tasks.deidentify import DeidContext, PseudonymKeys, deidentify_batch
+
+    out = fresh(scratch / "radrepo")
+    ctx = DeidContext(PseudonymKeys(b"benchmark-secret-0001"), "bench", OPTIONS, {}, str(out))
+    start = time.perf_counter()
+    table = deidentify_batch(index, ctx, str(scratch / "identifiers.parquet"), client)
+    seconds = time.perf_counter() - start
+    if table.num_rows != index.num_rows or "quarantined" in table.column("status").to_pylist():
+        raise RuntimeError("radrepo quarantined benchmark files")
+    return seconds
+
+
+def time_site_batch(corpus: Path, scratch: Path, scheduler: str) -> float:
+    from flows.site_batch import site_batch
+    from schemas.config import parse_config
+    from tasks import ingest
+
+    base = fresh(scratch / "site_batch")
+    config = parse_config({
+        "release": str(base / "release"), "work_dir": str(base / "work"),
+        "dask": {"scheduler": scheduler},
+        "sites": [{"site_id": "bench", "source": {"kind": "folder", "path": str(corpus)}}],
+    }, base)
+    [batch] = ingest.discover_batches(config.sites[0], config.work_dir, set())
+    ingest.save_pending(batch, config.work_dir)
+    start = time.perf_counter()
+    summary = site_batch(config, "bench", batch.batch_id, scheduler=scheduler)
+    seconds = time.perf_counter() - start
+    if summary["files_in"] != CT_FILES + XR_FILES:
+        raise RuntimeError(f"site_batch saw {summary['files_in']} files")
+    return seconds
+
+
+def median_of(rounds: int, fn) -> float:
+    return statistics.median(fn() for _ in range(rounds))
+
+
+def report(results: dict[str, float], files: int, corpus_mb: float) -> str:
+    cp = results["cp -r"]
+    peer_rates = {k: files / v for k, v in results.items() if k.startswith("peer: ")}
+    one = files / results["radrepo deidentify, 1 worker"]
+    two = files / results["radrepo deidentify, 2 workers"]
+    lines = [f"Corpus: {files} files, {corpus_mb:.0f} MB ({CT_FILES} CT 512x512, {XR_FILES} "
+             "radiographs 2048x2048, about 120 header elements each).", "",
+             "| run | median s | files/s | vs cp -r | radrepo 1 worker vs it |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for name, seconds in results.items():
+        rate = files / seconds
+        lines.append(f"| {name} | {seconds:.2f} | {rate:.0f} | {rate / (files / cp):.2f}x | "
+                     f"{one / rate:.2f}x |")
+    lines.append("")
+    checks = []
+    if peer_rates:
+        fastest = max(peer_rates, key=peer_rates.get)
+        checks.append((f"1 worker >= 2x the fastest peer ({fastest})",
+                       one / peer_rates[fastest], 2.0))
+        if "peer: dicognito" in peer_rates:
+            checks.append(("1 worker >= 4x dicognito", one / peer_rates["peer: dicognito"], 4.0))
+    checks.append(("2 workers >= 1.7x 1 worker", two / one, 1.7))
+    site = files / results["site_batch (whole flow, 2 workers)"]
+    checks.append(("site_batch >= 0.8x deidentify alone (2 workers)", site / two, 0.8))
+    lines += ["| target | measured | met |", "| --- | ---: | --- |"]
+    for label, value, goal in checks:
+        lines.append(f"| {label} | {value:.2f}x | {'yes' if value >= goal else 'NO'} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
+    parser.add_argument("--no-peers", action="store_true", help="radrepo and cp -r only")
+    args = parser.parse_args()
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ["RADREPO_SECRET"] = "benchmark-secret-0001"
+    args.out.mkdir(parents=True, exist_ok=True)
+    corpus = build_corpus(args.out)
+    scratch = args.out / "scratch"
+    files = sum(1 for p in corpus.rglob("*.dcm"))
+    corpus_mb = sum(p.stat().st_size for p in corpus.rglob("*.dcm")) / 1e6
+    results: dict[str, float] = {}
+    results["cp -r"] = median_of(args.rounds, lambda: time_cp(corpus, scratch))
+
+    from distributed import LocalCluster
+
+    index = radrepo_index(corpus, fresh(scratch / "index-work"))
+    for workers in (1, 2):
+        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                          host="127.0.0.1", dashboard_address=None,
+                          silence_logs=logging.WARNING) as cluster, cluster.get_client() as c:
+            time_radrepo_step(index, c, scratch)  # warm the workers' imports
+            label = f"radrepo deidentify, {workers} worker{'s' if workers > 1 else ''}"
+            results[label] = median_of(args.rounds,
+                                       lambda c=c: time_radrepo_step(index, c, scratch))
+            if workers == 2:
+                from prefect.testing.utilities import prefect_test_harness
+
+                with prefect_test_harness(server_startup_timeout=120):
+                    address = cluster.scheduler_address
+                    time_site_batch(corpus, scratch, address)  # warm Prefect's client
+                    results["site_batch (whole flow, 2 workers)"] = median_of(
+                        args.rounds, lambda a=address: time_site_batch(corpus, scratch, a))
+
+    if not args.no_peers:
+        python = peers_python(args.out)
+        for tool in PEERS:
+            results[f"peer: {tool}"] = median_of(
+                args.rounds, lambda t=tool: time_peer(python, t, corpus, scratch))
+        if ensure_pixelmed():
+            results["peer: pixelmed DeidentifyAndRedact"] = median_of(
+                args.rounds, lambda: time_pixelmed(corpus, scratch))
+    shutil.rmtree(scratch, ignore_errors=True)
+    text = report(results, files, corpus_mb)
+    (args.out / "deid-results.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()
