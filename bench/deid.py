@@ -32,7 +32,8 @@ CT_FILES, XR_FILES = 400, 8
 
 
 def build_corpus(out: Path) -> Path:
-    """400 CT slices and 8 radiographs from a ``radrepo synth`` tree site (cached)."""
+    """400 CT slices and 8 radiographs from a ``radrepo synth`` tree site, in one flat folder
+    (cached under ``out``)."""
     corpus = out / "corpus"
     marker = out / "corpus.complete"
     if marker.exists():
@@ -51,10 +52,9 @@ def build_corpus(out: Path) -> Path:
         raise SystemExit(f"synthetic site too small: {len(ct)} CT, {len(xr)} radiographs")
     if corpus.exists():
         shutil.rmtree(corpus)
-    for f in ct + xr:
-        target = corpus / f["key"]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(synth / tree["source"] / f["key"], target)
+    corpus.mkdir(parents=True)
+    for i, f in enumerate(ct + xr):  # one flat folder, unique names: every peer can read it
+        shutil.copyfile(synth / tree["source"] / f["key"], corpus / f"{i:04d}.dcm")
     shutil.rmtree(synth)
     marker.write_text("ok\n")
     return corpus
@@ -100,7 +100,8 @@ def time_cp(corpus: Path, scratch: Path) -> float:
 
 def time_peer(python: Path, tool: str, corpus: Path, scratch: Path) -> float:
     dst = fresh(scratch / tool)
-    result = subprocess.run([str(python), str(ROOT / "bench" / "peer_driver.py"), tool,
+    # -P: bench/deid.py must not shadow the peer package named deid
+    result = subprocess.run([str(python), "-P", str(ROOT / "bench" / "peer_driver.py"), tool,
                              str(corpus), str(dst)], check=True, capture_output=True, text=True)
     report = json.loads(result.stdout.strip().splitlines()[-1])
     if report["written"] < report["files"] * 0.9:

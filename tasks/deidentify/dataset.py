@@ -74,8 +74,9 @@ class PatientContext:
         return re.compile(rf"(?<![A-Za-z0-9])(?:{alternation})(?![A-Za-z0-9])", re.IGNORECASE)
 
     @cached_property
-    def needles(self) -> tuple[bytes, ...]:
-        """Lower-cased encodings of the identifiers, to test raw values without decoding."""
+    def needle_pattern(self) -> re.Pattern[bytes] | None:
+        """The identifiers' encodings, lower-cased as ``bytes.lower()`` does (ASCII only), as one
+        pattern, to test raw values without decoding them."""
         found = set()
         for ident in self.identifiers:
             if len(ident) < MIN_CLEANED_LENGTH:
@@ -83,10 +84,17 @@ class PatientContext:
             for form in {ident, ident.lower(), ident.upper(), ident.title()}:
                 for codec in ("utf-8", "latin-1"):
                     try:
-                        found.add(form.encode(codec).lower())  # bytes.lower(): ASCII only,
-                    except UnicodeEncodeError:               # as on the raw value side
+                        found.add(form.encode(codec).lower())
+                    except UnicodeEncodeError:
                         continue
-        return tuple(found)
+        if not found:
+            return None
+        return re.compile(b"|".join(re.escape(n) for n in sorted(found, key=len, reverse=True)))
+
+    def mentioned_in(self, value: bytes) -> bool:
+        """Whether a raw value contains one of the file's identifiers (case-insensitively)."""
+        return self.needle_pattern is not None and self.needle_pattern.search(
+            value.lower()) is not None
 
 
 def shift_da(value: str, offset_days: int) -> str:

@@ -150,6 +150,12 @@ def _text(raw_value: bytes) -> str:
 
 
 BINARY_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"UN"})
+SCANNED_BYTES = frozenset(vr.encode() for vr in SCANNED_VRS)
+# top-level values the result row and the checks after the rewrite read
+ROW_TAGS = frozenset({0x00080008, 0x00080016, 0x00080018, 0x00080020, 0x00080030, 0x00080060,
+                      0x00081030, 0x0008103E, 0x00180015, 0x00180050, 0x00185101, 0x0020000D,
+                      0x0020000E, 0x00200013, 0x00280002, 0x00280008, 0x00280010, 0x00280011,
+                      0x00280100, 0x00280301})
 
 
 @dataclass
@@ -203,13 +209,17 @@ class Rewriter:
             if tag == PIXEL_DATA and not nested:
                 self.pixel = (r.value_start, r.value_end)
             return (r.start, r.end)
+        if action == "K" and vr != b"UI" and vr not in SCANNED_BYTES:
+            if not nested and tag in ROW_TAGS:
+                self.top[tag] = (vr, bytes(self.buf[r.value_start:r.value_end]))
+            return (r.start, r.end)
         value = bytes(self.buf[r.value_start:r.value_end])
         if action == "K":
             if vr == b"UI":
                 return self._new(r, nested, self._uids(value, keep_standard=True))
-            if vr.decode() in SCANNED_VRS and self._mentions_patient(value):
+            if self.patient.mentioned_in(value):
                 return self._new(r, nested, self._clean(vr, value))
-            if not nested:
+            if not nested and tag in ROW_TAGS:
                 self.top[tag] = (vr, value)
             return (r.start, r.end)
         if action == "Z":
@@ -243,10 +253,6 @@ class Rewriter:
             else:
                 out.append(self.uid_map(uid))
         return "\\".join(out).encode("ascii")
-
-    def _mentions_patient(self, value: bytes) -> bool:
-        lowered = value.lower()
-        return any(needle in lowered for needle in self.patient.needles)
 
     def _clean(self, vr: bytes, value: bytes) -> bytes:
         if vr == b"DA":
