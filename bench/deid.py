@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -167,10 +168,6 @@ def time_site_batch(corpus: Path, scratch: Path, scheduler: str) -> float:
     return seconds
 
 
-def median_of(rounds: int, fn) -> float:
-    return statistics.median(fn() for _ in range(rounds))
-
-
 def report(results: dict[str, float], files: int, corpus_mb: float) -> str:
     cp = results["cp -r"]
     peer_rates = {k: files / v for k, v in results.items() if k.startswith("peer: ")}
@@ -214,37 +211,40 @@ def main() -> None:
     scratch = args.out / "scratch"
     files = sum(1 for p in corpus.rglob("*.dcm"))
     corpus_mb = sum(p.stat().st_size for p in corpus.rglob("*.dcm")) / 1e6
-    results: dict[str, float] = {}
-    results["cp -r"] = median_of(args.rounds, lambda: time_cp(corpus, scratch))
-
     from distributed import LocalCluster
+    from prefect.testing.utilities import prefect_test_harness
 
+    runs: dict[str, object] = {"cp -r": lambda: time_cp(corpus, scratch)}
     index = radrepo_index(corpus, fresh(scratch / "index-work"))
-    for workers in (1, 2):
-        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                          host="127.0.0.1", dashboard_address=None,
-                          silence_logs=logging.WARNING) as cluster, cluster.get_client() as c:
-            time_radrepo_step(index, c, scratch)  # warm the workers' imports
+    with ExitStack() as stack:
+        clusters = {}
+        for workers in (1, 2):
+            cluster = stack.enter_context(LocalCluster(
+                n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                dashboard_address=None, silence_logs=logging.WARNING))
+            clusters[workers] = (cluster, stack.enter_context(cluster.get_client()))
+        stack.enter_context(prefect_test_harness(server_startup_timeout=120))
+        for workers, (_, client) in clusters.items():
             label = f"radrepo deidentify, {workers} worker{'s' if workers > 1 else ''}"
-            results[label] = median_of(args.rounds,
-                                       lambda c=c: time_radrepo_step(index, c, scratch))
-            if workers == 2:
-                from prefect.testing.utilities import prefect_test_harness
-
-                with prefect_test_harness(server_startup_timeout=120):
-                    address = cluster.scheduler_address
-                    time_site_batch(corpus, scratch, address)  # warm Prefect's client
-                    results["site_batch (whole flow, 2 workers)"] = median_of(
-                        args.rounds, lambda a=address: time_site_batch(corpus, scratch, a))
-
-    if not args.no_peers:
-        python = peers_python(args.out)
-        for tool in PEERS:
-            results[f"peer: {tool}"] = median_of(
-                args.rounds, lambda t=tool: time_peer(python, t, corpus, scratch))
-        if ensure_pixelmed():
-            results["peer: pixelmed DeidentifyAndRedact"] = median_of(
-                args.rounds, lambda: time_pixelmed(corpus, scratch))
+            runs[label] = lambda c=client: time_radrepo_step(index, c, scratch)
+        address = clusters[2][0].scheduler_address
+        runs["site_batch (whole flow, 2 workers)"] = lambda: time_site_batch(
+            corpus, scratch, address)
+        if not args.no_peers:
+            python = peers_python(args.out)
+            for tool in PEERS:
+                runs[f"peer: {tool}"] = lambda t=tool: time_peer(python, t, corpus, scratch)
+            if ensure_pixelmed():
+                runs["peer: pixelmed DeidentifyAndRedact"] = lambda: time_pixelmed(
+                    corpus, scratch)
+        for fn in runs.values():
+            fn()  # warm-up round, not counted: imports, JIT, page cache
+        # rounds interleave the runs, so a noisy moment on a shared machine hits them alike
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        for _ in range(args.rounds):
+            for name, fn in runs.items():
+                times[name].append(fn())
+    results = {name: statistics.median(values) for name, values in times.items()}
     shutil.rmtree(scratch, ignore_errors=True)
     text = report(results, files, corpus_mb)
     (args.out / "deid-results.md").write_text(text + "\n")

@@ -35,7 +35,7 @@ from tasks.deidentify import (
 )
 from tasks.deidentify.profile import load_profile
 
-step = task(cache_policy=NO_CACHE, retries=0)
+step = task(cache_policy=NO_CACHE, persist_result=False)
 
 
 class BatchNotFound(LookupError):
@@ -132,7 +132,7 @@ def _run_table(run_id: str, site_profile: str, started: datetime, counts: dict) 
     }], schema=RUNS)
 
 
-@flow(name="site_batch", log_prints=False)
+@flow(name="site_batch", persist_result=False)
 def site_batch(config: RadrepoConfig, site_id: str, batch_id: str, force: bool = False,
                scheduler: str | None = None) -> dict[str, Any]:
     """Take one batch of one site from its source to a published, COMPLETE release batch."""
