@@ -263,3 +263,47 @@ def test_compressed_pixel_data_passes_through_untouched(tmp_path):
     assert out.file_meta.TransferSyntaxUID == JPEGBaseline8Bit
     assert out.PixelData == encapsulated
     assert row["pixel_sha256"] == hashlib.sha256(encapsulated).hexdigest()
+
+
+def test_uid_references_across_files_and_multivalued_names(tmp_path):
+    scout, axial = tmp_path / "scout.dcm", tmp_path / "axial.dcm"
+    identified_ct(scout, sop="1.2.3.100")
+    identified_ct(axial, sop="1.2.3.101")
+    ds = pydicom.dcmread(axial)
+    ds.ReferencedImageSequence[0].ReferencedSOPInstanceUID = "1.2.3.100"
+    ds.PerformingPhysicianName = ["ROE^RICHARD", "MÜLLER^ANNA"]
+    ds.save_as(axial)
+    rows = run_study(tmp_path, [scout, axial])
+    out_scout, out_axial = (pydicom.dcmread(r["output_path"]) for r in rows)
+    assert (out_axial.ReferencedImageSequence[0].ReferencedSOPInstanceUID
+            == out_scout.SOPInstanceUID)
+    assert "PerformingPhysicianName" not in out_axial or not out_axial.PerformingPhysicianName
+    data = Path(rows[1]["output_path"]).read_bytes()
+    assert b"ROE" not in data and "MÜLLER".encode() not in data
+
+
+def test_bad_files_in_a_study_are_quarantined_and_the_rest_published(tmp_path):
+    good, short, blob, garbage = (tmp_path / n for n in ("good", "short", "blob", "garbage"))
+    identified_ct(good, sop="1.2.3.1")
+    identified_ct(short, sop="1.2.3.2")
+    data = short.read_bytes()
+    short.write_bytes(data[:-10])  # pixel data cut short
+    identified_ct(blob, sop="1.2.3.3")
+    ds = pydicom.dcmread(blob)
+    ds.private_block(0x0033, "BIG VENDOR BLOB", create=True).add_new(0x01, "OB",
+                                                                      b"\x01" * (4 << 20))
+    ds.StudyDate = "2020-13-45"  # not a DA value
+    ds.save_as(blob)
+    identified_ct(garbage, sop="1.2.3.4")
+    raw = bytearray(garbage.read_bytes())
+    at = raw.index(b"\x10\x00\x10\x00PN")  # Patient's Name: break its VR and length
+    raw[at + 4:at + 8] = b"\x01\x02\xff\xff"
+    garbage.write_bytes(bytes(raw))
+    rows = run_study(tmp_path, [good, short, blob, garbage])
+    status = [(r["status"], r["reason"]) for r in rows]
+    assert status[0] == ("ok", None) and status[2] == ("ok", None)
+    assert status[1] == ("quarantined", "truncated file (data ends before the header says)")
+    assert status[3][0] == "quarantined" and status[3][1].startswith("unreadable DICOM")
+    out = pydicom.dcmread(rows[2]["output_path"])
+    assert not any(e.tag.is_private for e in out) and out.StudyDate == ""
+    assert rows[2]["size_bytes"] < 1 << 20

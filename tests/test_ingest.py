@@ -7,6 +7,7 @@ import zipfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pydicom
 
 from schemas.config import SiteConfig
 from tasks import ingest
@@ -130,3 +131,21 @@ def test_detect_source_kind(tmp_path):
     (tmp_path / "tree" / "p").mkdir(parents=True)
     assert ingest.detect_source_kind(str(tmp_path / "zips")) == "zip_batches"
     assert ingest.detect_source_kind(str(tmp_path / "tree")) == "folder"
+
+
+def test_dicomdir_is_recognised_and_never_passed_on(tmp_path):
+    from pydicom.fileset import FileSet
+
+    identified_ct(tmp_path / "a.dcm", sop="1.2.4.1")
+    ds = pydicom.dcmread(tmp_path / "a.dcm")
+    ds.SeriesNumber, ds.StudyTime = 1, "101500"
+    ds.save_as(tmp_path / "a.dcm")
+    media = tmp_path / "media"
+    fileset = FileSet()
+    fileset.add(str(tmp_path / "a.dcm"))
+    fileset.write(media)
+    [batch] = ingest.discover_batches(site("folder", media), str(tmp_path / "work"), set())
+    rows = ingest.ingest_batch(batch, str(media), str(tmp_path / "work")).index.to_pylist()
+    reasons = {r["key"].rsplit("/", 1)[-1]: r["reason"] for r in rows}
+    assert reasons.pop("DICOMDIR") == "DICOMDIR index file (not an image)"
+    assert list(reasons.values()) == [None]  # the image it indexes is ingested as usual

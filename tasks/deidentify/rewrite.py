@@ -46,6 +46,10 @@ class MalformedDataset(ValueError):
     """The bytes do not parse as explicit VR little endian (message quotes no value)."""
 
 
+class TruncatedDataset(MalformedDataset):
+    """The file ends inside an element: it was cut short."""
+
+
 @dataclass(frozen=True)
 class Raw:
     """One element as found in the buffer."""
@@ -64,7 +68,7 @@ def elements(buf: memoryview, pos: int, end: int) -> tuple[list[Raw], int]:
     out = []
     while pos < end:
         if end - pos < 8:
-            raise MalformedDataset("dataset ends inside an element header")
+            raise TruncatedDataset("dataset ends inside an element header")
         group, elem = unpack_from("<HH", buf, pos)
         tag = (group << 16) | elem
         if tag == ITEM_END:
@@ -84,7 +88,7 @@ def elements(buf: memoryview, pos: int, end: int) -> tuple[list[Raw], int]:
         else:
             value_end = next_pos = value_start + length
         if value_end > end:
-            raise MalformedDataset(f"element ({group:04X},{elem:04X}) runs past the end")
+            raise TruncatedDataset(f"element ({group:04X},{elem:04X}) runs past the end")
         out.append(Raw(tag, vr, pos, value_start, value_end, next_pos))
         pos = next_pos
     return out, pos

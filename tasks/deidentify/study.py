@@ -24,6 +24,7 @@ from tasks.deidentify.profile import load_profile
 from tasks.deidentify.remap import current_id
 from tasks.deidentify.rewrite import (
     Rewriter,
+    TruncatedDataset,
     computed_elements,
     dataset_start,
     elements,
@@ -35,6 +36,7 @@ from tasks.deidentify.rewrite import (
 
 IMPLEMENTATION_CLASS_UID = "2.25.203861385734931462715532861129339624491"
 IMPLEMENTATION_VERSION_NAME = "RADREPO_0_1"
+TRUNCATED = "truncated file (data ends before the header says)"
 PATIENT_ID, PATIENT_AGE, BIRTH_DATE = 0x00100020, 0x00101010, 0x00100030
 STUDY_DATE, SERIES_DATE, CONTENT_DATE = 0x00080020, 0x00080021, 0x00080023
 
@@ -151,6 +153,8 @@ def _deidentify_file(f: SourceFile, ctx: DeidContext, profile, siteid: str, uid_
         raws, _ = elements(buf, start, len(buf))
         encodings = read_charset(buf, raws)
         values = top_values(buf, raws, encodings)
+    except TruncatedDataset:
+        raise _Quarantine(TRUNCATED) from None
     except Exception as err:  # noqa: BLE001
         raise _Quarantine(f"unreadable DICOM ({type(err).__name__})") from None
     source_pid = (values.get(PATIENT_ID) or "").strip()
@@ -179,7 +183,7 @@ def _deidentify_file(f: SourceFile, ctx: DeidContext, profile, siteid: str, uid_
     out_ts = source_ts if source_ts.is_compressed else ExplicitVRLittleEndian
     pixels = buf[rewriter.pixel[0]:rewriter.pixel[1]] if rewriter.pixel else None
     if _short_pixel_data(value, pixels, out_ts):
-        raise _Quarantine("truncated file (pixel data shorter than the header says)")
+        raise _Quarantine(TRUNCATED)
     chunks.insert(0, encode_file_meta(sop_class or "", sop_uid, str(out_ts),
                                       IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME))
     digest = hashlib.sha256()
