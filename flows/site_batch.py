@@ -64,13 +64,14 @@ def deidentify_clinical_step(config: RadrepoConfig, site_id: str, keys, remap):
 
 
 @step(name="qc")
-def qc_step(deidentified: pa.Table, config: RadrepoConfig) -> qc.QcResult:
-    return qc.evaluate_qc(deidentified, config.qc.model_dump())
+def qc_step(deidentified: pa.Table, params: dict) -> qc.QcResult:
+    return qc.evaluate_qc(deidentified, params)
 
 
 @step(name="clinical_join")
-def clinical_join_step(deidentified: pa.Table, patients: pa.Table) -> pa.Table:
-    return clinical.join_clinical(deidentified, patients)
+def clinical_join_step(deidentified: pa.Table, patients: pa.Table,
+                       windows: dict) -> clinical.ClinicalJoin:
+    return clinical.join_clinical(deidentified, patients, windows)
 
 
 @step(name="dedupe")
@@ -157,11 +158,13 @@ def site_batch(config: RadrepoConfig, site_id: str, batch_id: str, force: bool =
     deidentified = deidentify_step(ingested.index, ctx, identifiers_path, scheduler, config)
     clinical_patients, measurements = deidentify_clinical_step(config, site_id, keys, remap)
 
-    qc_result = qc_step(deidentified, config)
-    links = clinical_join_step(deidentified, clinical_patients)
-    dups = dedupe_step(deidentified, set(qc_result.excluded), release, site_id, batch_id)
+    qc_result = qc_step(deidentified, config.qc_params(site_id))
+    joined = clinical_join_step(deidentified, clinical_patients, config.inclusion_windows)
+    window = catalog.window_excluded(deidentified, joined.outside_window)
+    dups = dedupe_step(deidentified, set(qc_result.excluded) | set(window), release, site_id,
+                       batch_id)
 
-    decided = catalog.dispositions(deidentified, qc_result.excluded, dups.excluded)
+    decided = catalog.dispositions(deidentified, qc_result.excluded, window, dups.excluded)
     known = {r["patient_id"] for r in publishing.read_published(
         release, "patients", site_id, batch_id, ["patient_id"]).to_pylist()}
     index = ingested.index
@@ -170,8 +173,9 @@ def site_batch(config: RadrepoConfig, site_id: str, batch_id: str, force: bool =
     assembled = catalog.assemble_catalog(
         site_id=site_id, siteid=keys.siteid(site_id), files_in=index.num_rows,
         ingest_quarantined=ingest_quarantined, deidentified=deidentified, decided=decided,
-        links=links, clinical_patients=clinical_patients, measurements=measurements,
-        qc_outcomes=qc_result.outcomes, duplicates=dups.rows, known_patients=known,
+        links=joined.links, clinical_patients=clinical_patients, measurements=measurements,
+        qc_outcomes=pa.concat_tables([qc_result.outcomes, joined.outcomes]),
+        duplicates=dups.rows, known_patients=known,
     )
     profile = load_profile(tuple(config.deid.options)).method_description
     run = _run_table(run_id, profile, started, assembled.counts)

@@ -51,11 +51,42 @@ class ClinicalConfig(Strict):
     )
 
 
+class QcConfig(Strict):
+    """Parameters of the QC rules in schemas/qc_rules.yaml (the rules name them in braces)."""
+
+    allowed_modalities: tuple[str, ...] = ("CT", "CR", "DX")
+    frontal_views: tuple[str, ...] = ("PA", "AP")
+    ct_slice_thickness_min: float = 2.5
+    ct_slice_thickness_max: float = 5.0
+    reviewer_cleared_series: tuple[str, ...] = ()
+
+
+class QcOverrides(Strict):
+    """A site's own QC thresholds; what it leaves out comes from the consortium's ``qc``."""
+
+    allowed_modalities: tuple[str, ...] | None = None
+    frontal_views: tuple[str, ...] | None = None
+    ct_slice_thickness_min: float | None = None
+    ct_slice_thickness_max: float | None = None
+    reviewer_cleared_series: tuple[str, ...] | None = None
+
+
+class Window(Strict):
+    """Days relative to the index date a study may lie in (None: no limit that side)."""
+
+    before: int | None = Field(default=None, ge=0)
+    after: int | None = Field(default=None, ge=0)
+
+
+DEFAULT_WINDOWS = {"CR": Window(before=365), "DX": Window(before=365), "CT": Window(before=30)}
+
+
 class SiteConfig(Strict):
     site_id: str = Field(pattern=SITE_ID_PATTERN)
     source: SourceConfig
     clinical: ClinicalConfig | None = None
     id_remap: str | None = None
+    qc: QcOverrides = QcOverrides()
 
 
 class DaskConfig(Strict):
@@ -78,10 +109,6 @@ class DeidConfig(Strict):
     ] = ("retain_long_modif_dates", "retain_patient_chars", "clean_descriptors")
 
 
-class QcConfig(Strict):
-    allowed_modalities: tuple[str, ...] = ("CT", "CR", "DX")
-
-
 class RadrepoConfig(Strict):
     release: str
     work_dir: str
@@ -89,6 +116,7 @@ class RadrepoConfig(Strict):
     dask: DaskConfig = DaskConfig()
     deid: DeidConfig = DeidConfig()
     qc: QcConfig = QcConfig()
+    inclusion_windows: dict[str, Window] = Field(default_factory=lambda: dict(DEFAULT_WINDOWS))
     sites: list[SiteConfig] = Field(min_length=1)
 
     @field_validator("sites")
@@ -99,6 +127,11 @@ class RadrepoConfig(Strict):
         if dupes:
             raise ValueError(f"duplicate site_id {dupes[0]}")
         return sites
+
+    def qc_params(self, site_id: str) -> dict:
+        """The QC parameters for one site: the consortium's, overridden by the site's."""
+        own = self.site(site_id).qc.model_dump(exclude_none=True)
+        return {**self.qc.model_dump(), **own}
 
     def site(self, site_id: str) -> SiteConfig:
         for s in self.sites:

@@ -37,9 +37,17 @@ def dicom_path(site_id: str, row: dict) -> str:
             f"{row['series_uid']}/{row['sop_uid']}.dcm")
 
 
+def window_excluded(deidentified: pa.Table, outside: dict[str, str]) -> dict[int, str]:
+    """seq -> reason for every file of a study outside its inclusion window."""
+    return {r["seq"]: outside[r["study_uid"]]
+            for r in deidentified.select(["seq", "study_uid"]).to_pylist()
+            if r["study_uid"] in outside}
+
+
 def dispositions(deidentified: pa.Table, qc_excluded: dict[int, str],
+                 window: dict[int, str],
                  dup_excluded: dict[int, str]) -> dict[int, tuple[str, str | None]]:
-    """seq -> (disposition, reason); quarantine first, then QC, then duplicates."""
+    """seq -> (disposition, reason); quarantine first, then QC, window, duplicates."""
     out: dict[int, tuple[str, str | None]] = {}
     for row in deidentified.select(["seq", "status", "reason"]).to_pylist():
         seq = row["seq"]
@@ -47,6 +55,8 @@ def dispositions(deidentified: pa.Table, qc_excluded: dict[int, str],
             out[seq] = (QUARANTINED, row["reason"])
         elif seq in qc_excluded:
             out[seq] = (EXCLUDED, f"qc:{qc_excluded[seq]}")
+        elif seq in window:
+            out[seq] = (EXCLUDED, window[seq])
         elif seq in dup_excluded:
             out[seq] = (EXCLUDED, f"duplicate:{dup_excluded[seq]}")
         else:

@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 import yaml
 
 from schemas.catalog import QC
+from schemas.config import QcConfig
 from schemas.pipeline import OK
 
 LEVEL_KEYS = {"instance": "sop_uid", "series": "series_uid", "study": "study_uid"}
@@ -39,30 +40,33 @@ def load_rules() -> dict:
 
 def _literal(value: object) -> str:
     if isinstance(value, (list, tuple)):
-        return "(" + ", ".join(_literal(v) for v in value) + ")"
+        return "[" + ", ".join(_literal(v) for v in value) + "]::VARCHAR[]"
     if isinstance(value, (int, float)):
         return repr(value)
     return "'" + str(value).replace("'", "''") + "'"
 
 
 def _rule_sql(rule: dict, params: dict) -> str:
-    when = rule["when"].format(**{k: _literal(v) for k, v in params.items()})
+    literals = {k: _literal(v) for k, v in params.items()}
+    when, detail = rule["when"].format(**literals), rule["detail"].format(**literals)
     level = rule["level"]
     if level == "instance":
-        return (f"SELECT seq, sop_uid AS uid, {rule['detail']} AS detail "
-                f"FROM instances WHERE {when}")
+        return f"SELECT seq, sop_uid AS uid, {detail} AS detail FROM instances WHERE {when}"
     key = LEVEL_KEYS[level]
     return (
-        f"WITH hits AS (SELECT {key} AS uid, {rule['detail']} AS detail FROM instances "
+        f"WITH hits AS (SELECT {key} AS uid, {detail} AS detail FROM instances "
         f"GROUP BY {key} HAVING {when}) "
         f"SELECT i.seq, hits.uid, hits.detail FROM hits JOIN instances i ON i.{key} = hits.uid"
     )
 
 
-def evaluate_qc(deidentified: pa.Table, overrides: dict | None = None) -> QcResult:
-    """Run every rule over the readable files; return outcomes and excluded files by seq."""
+def evaluate_qc(deidentified: pa.Table, params: dict | None = None) -> QcResult:
+    """Run every rule over the readable files; return outcomes and excluded files by seq.
+
+    ``params`` are the rule parameters (the config's ``qc`` block, site overrides applied).
+    """
     rules = load_rules()
-    params = {**rules["params"], **(overrides or {})}
+    params = {**QcConfig().model_dump(), **(params or {})}
     instances = deidentified.filter(pc.equal(deidentified["status"], OK))
     con = duckdb.connect()
     con.register("instances", instances)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import date, timedelta
 
 import pyarrow as pa
 
-from schemas.config import ClinicalConfig
+from schemas.config import DEFAULT_WINDOWS, ClinicalConfig, Window
 from schemas.pipeline import DEIDENTIFIED, DEIDENTIFIED_CLINICAL
 from tasks.clinical import join_clinical
 from tasks.dedupe import PUBLISHED_INSTANCES, find_duplicates
@@ -22,7 +22,8 @@ def instance(seq: int, **fields) -> dict:
     row = {"seq": seq, "object_id": f"o{seq}", "status": "ok", "patient_id": "P1",
            "study_uid": "2.25.1", "series_uid": "2.25.11", "sop_uid": f"2.25.100{seq}",
            "sop_class_uid": CT, "modality": "CT", "study_date": date(2015, 1, 10),
-           "image_type": "ORIGINAL\\PRIMARY\\AXIAL", "sha256": f"h{seq}", "has_pixels": True}
+           "image_type": "ORIGINAL\\PRIMARY\\AXIAL", "sha256": f"h{seq}", "has_pixels": True,
+           "slice_thickness": 2.5, "instance_number": seq + 1, "rows": 512, "columns": 512}
     row.update(fields)
     return row
 
@@ -46,9 +47,56 @@ def test_qc_rules_exclude_with_reasons_and_honour_overrides():
     assert outcomes[("2.25.1001", "screen_save")]["outcome"] == "excluded"
     assert outcomes[("2.25.1003", "modality_not_allowed")]["detail"] == (
         "modality MR is not in the allow-list")
-    assert all(r["level"] == "instance" for r in outcomes.values())
     assert evaluate_qc(t, {"allowed_modalities": ["CT", "MR"]}).excluded == {
         1: "modality_not_allowed", 2: "secondary_capture"}
+
+
+def test_qc_ct_and_radiograph_rules():
+    t = table(
+        # series 11: a good axial series with instance 3 missing
+        instance(0), instance(1), instance(2, instance_number=4),
+        # series 12: a scout, series 13: a 3D reconstruction, series 14: 1 mm slices
+        instance(3, series_uid="2.25.12", image_type="ORIGINAL\\PRIMARY\\LOCALIZER"),
+        instance(4, series_uid="2.25.13", image_type="DERIVED\\SECONDARY\\REFORMATTED\\3D"),
+        instance(5, series_uid="2.25.14", slice_thickness=1.0),
+        instance(6, series_uid="2.25.14", slice_thickness=1.0, instance_number=7),
+        # radiographs: frontal kept, lateral flagged, burned-in text excluded
+        instance(7, series_uid="2.25.21", modality="CR", view_position="PA"),
+        instance(8, series_uid="2.25.22", modality="CR", view_position="LL"),
+        instance(9, series_uid="2.25.23", modality="DX", view_position="AP", burned_in="YES"),
+        instance(10, series_uid="2.25.24", modality="DX", view_position="AP", has_pixels=False),
+    )
+    result = evaluate_qc(t)
+    assert result.excluded == {3: "ct_localizer", 4: "derived_reconstruction",
+                               5: "ct_slice_thickness", 6: "ct_slice_thickness",
+                               9: "burned_in_annotation", 10: "no_pixel_data"}
+    flagged = {(r["uid"], r["rule"]): r["detail"] for r in result.outcomes.to_pylist()
+               if r["outcome"] == "flagged"}
+    assert flagged == {
+        ("2.25.11", "ct_missing_instances"): "instance numbers 1-4: 1 missing",
+        ("2.25.1008", "radiograph_not_frontal"): "view position LL is not frontal",
+    }
+    thickness = next(r for r in result.outcomes.to_pylist() if r["rule"] == "ct_slice_thickness")
+    assert thickness == {"level": "series", "uid": "2.25.14", "rule": "ct_slice_thickness",
+                         "outcome": "excluded",
+                         "detail": "slice thickness 1.0 mm is outside 2.5-5.0 mm"}
+    # a site may accept thin slices; a reviewer may clear a burned-in series
+    relaxed = evaluate_qc(t, {"ct_slice_thickness_min": 0.5,
+                              "reviewer_cleared_series": ["2.25.23"]})
+    assert set(relaxed.excluded) == {3, 4, 10}
+
+
+def test_site_qc_overrides_merge_over_the_consortium(tmp_path):
+    from schemas.config import parse_config
+
+    cfg = parse_config({"release": "r", "work_dir": "w", "qc": {"frontal_views": ["PA"]},
+                        "sites": [{"site_id": "a", "source": {"kind": "flat", "path": "x"},
+                                   "qc": {"ct_slice_thickness_min": 1.0}},
+                                  {"site_id": "b", "source": {"kind": "flat", "path": "y"}}]},
+                       tmp_path)
+    assert cfg.qc_params("a")["ct_slice_thickness_min"] == 1.0
+    assert cfg.qc_params("a")["frontal_views"] == ("PA",)
+    assert cfg.qc_params("b")["ct_slice_thickness_min"] == 2.5
 
 
 def test_clinical_deidentification_and_join(tmp_path):
@@ -81,14 +129,42 @@ def test_clinical_deidentification_and_join(tmp_path):
         instance(0, patient_id=p1, study_date=date.fromordinal(study_day)),
         instance(1, patient_id="PNOCLIN", study_uid="2.25.2", study_date=date(2015, 1, 1)),
     )
-    links = {r["study_uid"]: r for r in join_clinical(images, result.patients).to_pylist()}
+    joined = join_clinical(images, result.patients, DEFAULT_WINDOWS)
+    links = {r["study_uid"]: r for r in joined.links.to_pylist()}
     assert links["2.25.1"]["days_from_index"] == -3 and links["2.25.1"]["has_clinical"]
     assert links["2.25.2"]["days_from_index"] is None and not links["2.25.2"]["has_clinical"]
 
 
 def test_join_clinical_handles_no_clinical_rows():
-    links = join_clinical(table(instance(0)), DEIDENTIFIED_CLINICAL.empty_table())
-    assert links.num_rows == 1 and links.column("has_clinical").to_pylist() == [False]
+    joined = join_clinical(table(instance(0)), DEIDENTIFIED_CLINICAL.empty_table(),
+                           DEFAULT_WINDOWS)
+    assert joined.links.column("has_clinical").to_pylist() == [False]
+    assert joined.outside_window == {}
+    assert joined.outcomes.to_pylist()[0]["rule"] == "no_clinical_record"
+    assert joined.outcomes.to_pylist()[0]["outcome"] == "flagged"
+
+
+def test_inclusion_window_edges():
+    index = date(2015, 6, 1)
+    patients = pa.Table.from_pylist([{"patient_id": "P1", "index_date": index}],
+                                    schema=DEIDENTIFIED_CLINICAL)
+    cases = {"cr365": ("CR", -365), "cr366": ("CR", -366), "dx400": ("DX", -400),
+             "ct30": ("CT", -30), "ct31": ("CT", -31), "ctlate": ("CT", 200)}
+    rows = [instance(i, study_uid=uid, series_uid=uid, modality=modality,
+                     study_date=index + timedelta(days=days))
+            for i, (uid, (modality, days)) in enumerate(cases.items())]
+    # a CT study holding a screen save is judged by the CT window
+    rows.append(instance(9, study_uid="ct31", series_uid="x", modality="OT",
+                         study_date=index - timedelta(days=31)))
+    joined = join_clinical(table(*rows), patients, DEFAULT_WINDOWS)
+    assert joined.outside_window == {"cr366": "outside_window:CR", "dx400": "outside_window:DX",
+                                     "ct31": "outside_window:CT"}
+    details = {r["uid"]: r["detail"] for r in joined.outcomes.to_pylist()}
+    assert details["ct31"] == ("CT study 31 days before the index date; the window starts "
+                               "30 before")
+    closed = join_clinical(table(*rows), patients, {**DEFAULT_WINDOWS,
+                                                    "CT": Window(before=30, after=100)})
+    assert "ctlate" in closed.outside_window
 
 
 def test_dedupe_same_sop_uid_within_and_across_batches():
@@ -108,3 +184,21 @@ def test_dedupe_same_sop_uid_within_and_across_batches():
     assert rows["uid_conflict"]["evidence"].startswith("same SOP Instance UID as the copy kept "
                                                        "in batch B0")
     assert rows["resent"]["kept_uid"] == "2.25.7"
+
+
+def test_double_store_is_excluded_and_same_time_different_images_stay():
+    common = {"patient_id": "P1", "study_date": date(2015, 1, 1), "study_time": "101010"}
+    t = table(
+        instance(0, study_uid="2.25.A", sop_uid="2.25.a1", pixel_sha256="px1", **common),
+        instance(1, study_uid="2.25.A", sop_uid="2.25.a2", pixel_sha256="px2", **common),
+        # stored twice: new UIDs, the same pixels, the same time
+        instance(2, study_uid="2.25.B", sop_uid="2.25.b1", pixel_sha256="px2", **common),
+        instance(3, study_uid="2.25.B", sop_uid="2.25.b2", pixel_sha256="px1", **common),
+        # the counter-case: another radiograph at the very same time
+        instance(4, study_uid="2.25.C", sop_uid="2.25.c1", pixel_sha256="px9", **common),
+    )
+    empty = pa.Table.from_pylist([], schema=PUBLISHED_INSTANCES)
+    result = find_duplicates(t, set(), empty, "B1")
+    assert result.excluded == {2: "double_store", 3: "double_store"}
+    kept = {r["uid"]: r["kept_uid"] for r in result.rows.to_pylist()}
+    assert kept == {"2.25.b1": "2.25.a2", "2.25.b2": "2.25.a1"}

@@ -15,17 +15,35 @@ import pytest
 
 SC_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
 ALLOWED = {"CT", "CR", "DX"}
+WINDOW_BEFORE = {"CT": 30, "CR": 365, "DX": 365}
+DERIVED = {"DERIVED", "SECONDARY", "REFORMATTED", "3D", "MPR", "MIP", "VOLUME"}
 
 
-def expected_disposition(f: dict, by_key: dict) -> str:
-    """What the walking skeleton's rules do with one planted file."""
+def qc_excluded(f: dict) -> bool:
+    """The default QC rules (schemas/qc_rules.yaml) applied to one planted file."""
+    image_type = set((f["image_type"] or "").split("\\"))
+    return (f["modality"] not in ALLOWED or f["sop_class_uid"].startswith(SC_PREFIX)
+            or "SCREEN SAVE" in image_type
+            or (f["modality"] == "CT" and (image_type & DERIVED or "LOCALIZER" in image_type)))
+
+
+def outside_window(f: dict, site: dict) -> bool:
+    """Whether the file's study lies outside the window of its strictest modality."""
+    linked = {p["mrn"] for p in site["patients"] if p["has_clinical"]}
+    if f["mrn"] not in linked or f["days_from_index"] is None:
+        return False
+    modalities = {g["modality"] for g in site["files"] if g["study_uid"] == f["study_uid"]}
+    before = min((WINDOW_BEFORE[m] for m in modalities if m in WINDOW_BEFORE), default=None)
+    return before is not None and f["days_from_index"] < -before
+
+
+def expected_disposition(f: dict, site: dict, by_key: dict) -> str:
+    """What the pipeline's default rules do with one planted file."""
     if f["defect"]:
         return "quarantined"
-    if (f["modality"] not in ALLOWED or f["sop_class_uid"].startswith(SC_PREFIX)
-            or "SCREEN SAVE" in (f["image_type"] or "")):
+    if qc_excluded(f) or outside_window(f, site):
         return "excluded"
-    original = by_key.get(f["duplicate_of"] or "")
-    if original and original["sop_uid"] == f["sop_uid"]:
+    if f["duplicate_of"] in by_key:  # a re-sent copy, a file stored twice, a double store
         return "excluded"
     return "published"
 
@@ -33,10 +51,10 @@ def expected_disposition(f: dict, by_key: dict) -> str:
 def expected_counts(truth: dict) -> dict[str, Counter]:
     out = {}
     for site_id, site in truth["sites"].items():
-        complete = {b for b, info in site["batches"].items() if not info["complete"]}
-        files = [f for f in site["files"] if f["batch"] not in complete]
+        waiting = {b for b, info in site["batches"].items() if not info["complete"]}
+        files = [f for f in site["files"] if f["batch"] not in waiting]
         by_key = {f["key"]: f for f in files}
-        counts = Counter(expected_disposition(f, by_key) for f in files)
+        counts = Counter(expected_disposition(f, site, by_key) for f in files)
         counts["files_in"] = len(files)
         out[site_id] = counts
     return out
@@ -104,8 +122,19 @@ def test_catalog_is_queryable_and_consistent(published, corpus):
     assert con.sql("select count(*) from patients where not has_clinical").fetchone() == (0,)
     runs = con.sql("select site_id, files_in, published + excluded + quarantined from runs")
     assert all(a == b for _, a, b in runs.fetchall())
-    duplicates = con.sql("select kind, count(*) from duplicates group by 1").fetchall()
-    assert dict(duplicates) == {"resent": 3}
+    duplicates = dict(con.sql("select kind, count(*) from duplicates group by 1").fetchall())
+    planted = Counter()
+    for site in truth["sites"].values():
+        by_key = {f["key"]: f for f in site["files"]}
+        for f in site["files"]:
+            original = by_key.get(f["duplicate_of"] or "")
+            if original and not qc_excluded(f) and not outside_window(f, site):
+                planted["resent" if original["sop_uid"] == f["sop_uid"] else "double_store"] += 1
+    assert duplicates == dict(planted) and set(planted) == {"resent", "double_store"}
+    # every study outside its inclusion window says so, with the distance in the qc table
+    window = con.sql("select count(*) from qc where rule = 'inclusion_window'").fetchone()[0]
+    assert window == con.sql(
+        "select count(*) from studies where reason like 'outside_window:%'").fetchone()[0] > 0
     con.close()
 
 
