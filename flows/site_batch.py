@@ -76,10 +76,10 @@ def clinical_join_step(deidentified: pa.Table, patients: pa.Table,
 
 @step(name="dedupe")
 def dedupe_step(deidentified: pa.Table, excluded: set[int], release: publishing.Release,
-                site_id: str, batch_id: str) -> dedupe.DedupeResult:
+                site_id: str, batch_id: str, split_minutes: int) -> dedupe.DedupeResult:
     published = publishing.read_published(release, "instances", site_id, batch_id,
                                           ["sop_uid", "sha256"])
-    return dedupe.find_duplicates(deidentified, excluded, published, batch_id)
+    return dedupe.find_duplicates(deidentified, excluded, published, batch_id, split_minutes)
 
 
 @step(name="verify")
@@ -162,7 +162,8 @@ def site_batch(config: RadrepoConfig, site_id: str, batch_id: str, force: bool =
     joined = clinical_join_step(deidentified, clinical_patients, config.inclusion_windows)
     window = catalog.window_excluded(deidentified, joined.outside_window)
     dups = dedupe_step(deidentified, set(qc_result.excluded) | set(window), release, site_id,
-                       batch_id)
+                       batch_id, config.split_exam_minutes)
+    deidentified = dedupe.apply_merges(deidentified, dups.merged)
 
     decided = catalog.dispositions(deidentified, qc_result.excluded, window, dups.excluded)
     known = {r["patient_id"] for r in publishing.read_published(

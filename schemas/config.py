@@ -117,6 +117,7 @@ class RadrepoConfig(Strict):
     deid: DeidConfig = DeidConfig()
     qc: QcConfig = QcConfig()
     inclusion_windows: dict[str, Window] = Field(default_factory=lambda: dict(DEFAULT_WINDOWS))
+    split_exam_minutes: int = Field(default=30, ge=0)
     sites: list[SiteConfig] = Field(min_length=1)
 
     @field_validator("sites")

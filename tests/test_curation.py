@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import date, timedelta
+import hashlib
+from datetime import date, datetime, timedelta
+from pathlib import Path
 
 import pyarrow as pa
 
@@ -202,3 +204,36 @@ def test_double_store_is_excluded_and_same_time_different_images_stay():
     assert result.excluded == {2: "double_store", 3: "double_store"}
     kept = {r["uid"]: r["kept_uid"] for r in result.rows.to_pylist()}
     assert kept == {"2.25.b1": "2.25.a2", "2.25.b2": "2.25.a1"}
+
+
+def test_split_exam_parts_merge_into_one_study(tmp_path):
+    import pydicom
+
+    from tasks.dedupe import apply_merges
+    from tests.test_deidentify import identified_ct, run_study
+
+    sources = []
+    for i, study in enumerate(("1.2.50", "1.2.51", "1.2.52")):
+        path = tmp_path / f"part{i}.dcm"
+        identified_ct(path, sop=f"{study}.1", study=study)
+        sources.append(path)
+    rows = run_study(tmp_path, sources)
+    start = datetime(2014, 3, 12, 11, 52)
+    for row, minutes in zip(rows, (0, 9, 120), strict=True):
+        when = start + timedelta(minutes=minutes)
+        row.update(exam_key="e1", exam_time=when, study_time=f"{when:%H%M%S}")
+    t = pa.Table.from_pylist(rows, schema=DEIDENTIFIED)
+    empty = pa.Table.from_pylist([], schema=PUBLISHED_INSTANCES)
+    result = find_duplicates(t, set(), empty, "B1", split_minutes=30)
+    target = rows[0]["study_uid"]
+    assert set(result.merged) == {1}  # the part 2 hours later is another exam
+    [merge] = result.rows.to_pylist()
+    assert merge["kind"] == "split_merged" and merge["kept_uid"] == target
+    assert "9 minutes apart" in merge["evidence"]
+    moved = pydicom.dcmread(rows[1]["output_path"])
+    assert moved.StudyInstanceUID == target and moved.PatientID == rows[1]["patient_id"]
+    merged = {r["seq"]: r for r in apply_merges(t, result.merged).to_pylist()}
+    assert merged[1]["study_uid"] == target and merged[2]["study_uid"] == rows[2]["study_uid"]
+    data = Path(rows[1]["output_path"]).read_bytes()
+    assert merged[1]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert merged[1]["size_bytes"] == len(data)

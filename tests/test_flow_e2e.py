@@ -130,7 +130,26 @@ def test_catalog_is_queryable_and_consistent(published, corpus):
             original = by_key.get(f["duplicate_of"] or "")
             if original and not qc_excluded(f) and not outside_window(f, site):
                 planted["resent" if original["sop_uid"] == f["sop_uid"] else "double_store"] += 1
-    assert duplicates == dict(planted) and set(planted) == {"resent", "double_store"}
+    split = duplicates.pop("split_merged")
+    assert split > 0 and duplicates == dict(planted)
+    assert set(planted) == {"resent", "double_store"}
+    # the CT exam split into two zips is one study in the catalog and the published DICOM
+    from tasks.deidentify.keys import PseudonymKeys
+    from tests.conftest import TEST_SECRET
+
+    keys = PseudonymKeys(TEST_SECRET.encode())
+    site = next(v for v in truth["sites"].values() if v["layout"] == "zip_batches")
+    parts = [f for f in site["files"] if f["quirk"] == "ct_split"]
+    first, second = sorted({(f["exam_time"], f["study_uid"]) for f in parts})
+    by_key = {f["key"]: f for f in site["files"]}
+    kept = sum(expected_disposition(f, site, by_key) == "published" for f in parts)
+    target, merged_away = keys.uid(first[1]), keys.uid(second[1])
+    assert con.sql("select count(*) from instances where study_uid = ?",
+                   params=[target]).fetchone() == (kept,)
+    assert con.sql("select count(*) from studies where study_uid = ?",
+                   params=[merged_away]).fetchone() == (0,)
+    assert con.sql("select count(*) from duplicates where kind = 'split_merged' and kept_uid = ?",
+                   params=[target]).fetchone()[0] > 0
     # every study outside its inclusion window says so, with the distance in the qc table
     window = con.sql("select count(*) from qc where rule = 'inclusion_window'").fetchone()[0]
     assert window == con.sql(
