@@ -27,6 +27,7 @@ from schemas.config import RadrepoConfig
 from schemas.pipeline import DEIDENTIFIED_CLINICAL, QUARANTINED
 from tasks import catalog, clinical, dedupe, ingest, qc, verify
 from tasks import publish as publishing
+from tasks.contact_sheet import contact_sheet
 from tasks.deidentify import (
     DeidContext,
     deidentify_batch,
@@ -82,11 +83,31 @@ def dedupe_step(deidentified: pa.Table, excluded: set[int], release: publishing.
     return dedupe.find_duplicates(deidentified, excluded, published, batch_id, split_minutes)
 
 
+@step(name="contact_sheet")
+def contact_sheet_step(site_id: str, batch_id: str, assembled: catalog.CatalogBatch,
+                       deidentified: pa.Table) -> dict[str, bytes]:
+    published = {staged for staged, _ in assembled.files}
+    by_series: dict[str, list[tuple]] = {}
+    for r in deidentified.select(["series_uid", "instance_number", "seq",
+                                  "output_path"]).to_pylist():
+        if r["output_path"] in published:
+            by_series.setdefault(r["series_uid"], []).append(
+                (r["instance_number"] or 0, r["seq"], r["output_path"]))
+    middle = {uid: sorted(files)[len(files) // 2][2] for uid, files in by_series.items()}
+    return contact_sheet(site_id, batch_id, assembled.tables["series"],
+                         assembled.tables["qc"], middle)
+
+
 @step(name="verify")
-def verify_step(identifiers_path: str, assembled: catalog.CatalogBatch, run: pa.Table) -> int:
+def verify_step(identifiers_path: str, assembled: catalog.CatalogBatch, run: pa.Table,
+                reports: dict[str, bytes]) -> int:
     """The gate: fail the batch if any identifier seen at the source is in what would publish."""
     matcher = verify.read_identifiers([Path(identifiers_path)])
     findings = []
+    for relative, data in reports.items():
+        findings += verify.scan_names([relative], matcher)
+        if relative.endswith(".html"):
+            findings += verify.scan_text(relative, data.decode().splitlines(), matcher)
     for staged, relative in assembled.files:
         findings += verify.scan_dicom_file(staged, relative, matcher)
     findings += verify.scan_names([rel for _, rel in assembled.files], matcher)
@@ -99,13 +120,14 @@ def verify_step(identifiers_path: str, assembled: catalog.CatalogBatch, run: pa.
 @step(name="publish")
 def publish_step(release: publishing.Release, site_id: str, batch_id: str,
                  assembled: catalog.CatalogBatch, deidentified: pa.Table, run: pa.Table,
-                 run_id: str, work_dir: str) -> publishing.PublishResult:
+                 run_id: str, work_dir: str,
+                 reports: dict[str, bytes]) -> publishing.PublishResult:
     by_path = {r["output_path"]: r for r in deidentified.select(
         ["output_path", "size_bytes", "sha256"]).to_pylist()}
     files = [(staged, rel, by_path[staged]["size_bytes"], by_path[staged]["sha256"])
              for staged, rel in assembled.files]
     result = publishing.publish_batch(release, site_id, batch_id, assembled.tables, files,
-                                      run, run_id)
+                                      run, run_id, reports)
     publishing.refresh_catalog_db(release, work_dir)
     return result
 
@@ -180,9 +202,10 @@ def site_batch(config: RadrepoConfig, site_id: str, batch_id: str, force: bool =
     )
     profile = load_profile(tuple(config.deid.options)).method_description
     run = _run_table(run_id, profile, started, assembled.counts)
-    verify_step(identifiers_path, assembled, run)
+    reports = contact_sheet_step(site_id, batch_id, assembled, deidentified)
+    verify_step(identifiers_path, assembled, run, reports)
     result = publish_step(release, site_id, batch_id, assembled, deidentified, run, run_id,
-                          config.work_dir)
+                          config.work_dir, reports)
     ingest.record_ingested(batch, config.work_dir)
     ingest.forget_pending(config.work_dir, site_id, batch_id)
     ingest.clear_staging(config.work_dir, site_id, batch_id)

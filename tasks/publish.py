@@ -131,10 +131,12 @@ def publish_batch(
     files: list[tuple[str, str, int, str]],
     run_table: pa.Table,
     run_id: str,
+    reports: dict[str, bytes] | None = None,
 ) -> PublishResult:
-    """Write one batch: DICOM files, catalog partitions, manifest, and COMPLETE last.
+    """Write one batch: DICOM files, catalog partitions, reports, manifest, and COMPLETE last.
 
-    ``files`` holds (staged path, release path, size, sha256) for each published file.
+    ``files`` holds (staged path, release path, size, sha256) for each published file;
+    ``reports`` maps release paths to the bytes of the batch's reports.
     """
     previous = _previous_manifest(release, site_id, batch_id)
     manifest: list[dict] = []
@@ -151,6 +153,10 @@ def publish_batch(
             continue
         data = table_bytes(tables[name])
         relative = f"{release.partition(name, site_id, batch_id)}/part-0.parquet"
+        written += release.write_bytes(relative, data)
+        manifest.append({"path": relative, "size_bytes": len(data),
+                         "sha256": hashlib.sha256(data).hexdigest()})
+    for relative, data in sorted((reports or {}).items()):
         written += release.write_bytes(relative, data)
         manifest.append({"path": relative, "size_bytes": len(data),
                          "sha256": hashlib.sha256(data).hexdigest()})

@@ -150,6 +150,15 @@ def test_catalog_is_queryable_and_consistent(published, corpus):
                    params=[merged_away]).fetchone() == (0,)
     assert con.sql("select count(*) from duplicates where kind = 'split_merged' and kept_uid = ?",
                    params=[target]).fetchone()[0] > 0
+    # each batch has a contact sheet: one thumbnail per published series, in the manifest
+    for site_id, batch_id, n in con.sql("select site_id, batch_id, count(*) from series "
+                                        "where status = 'published' group by all").fetchall():
+        sheet = release / "reports" / site_id / batch_id
+        assert (sheet / "contact-sheet.html").exists()
+        assert len(list((sheet / "thumbs").glob("*.png"))) == n
+        manifest = pq.read_table(release / "batches" / site_id / batch_id / "manifest.parquet")
+        assert f"reports/{site_id}/{batch_id}/contact-sheet.html" in manifest.column(
+            "path").to_pylist()
     # every study outside its inclusion window says so, with the distance in the qc table
     window = con.sql("select count(*) from qc where rule = 'inclusion_window'").fetchone()[0]
     assert window == con.sql(
@@ -181,6 +190,9 @@ def find_leaks(root: Path, truth: dict) -> list[tuple[str, str]]:
             ds = pydicom.dcmread(path)
             for where, value in [*text_values(ds), *text_values(ds.file_meta)]:
                 leaks += [(rel, where) for p in patterns if p.search(value)]
+        elif path.suffix == ".html":
+            text = path.read_text()
+            leaks += [(rel, "html") for p in patterns if p.search(text)]
         elif path.suffix == ".parquet":
             for row in pq.read_table(path).to_pylist():
                 for column, value in row.items():

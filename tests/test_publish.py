@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from datetime import UTC, datetime
 
 import duckdb
@@ -96,3 +97,31 @@ def test_empty_release_has_queryable_views(tmp_path):
     with duckdb.connect(str(tmp_path / "release" / "catalog.duckdb"), read_only=True) as con:
         for table in cat.TABLES:
             assert con.sql(f"select count(*) from {table}").fetchone() == (0,)
+
+
+def test_contact_sheet_lists_flagged_series_first_with_thumbnails(tmp_path):
+    from PIL import Image
+
+    from tasks.contact_sheet import contact_sheet
+    from tests.test_deidentify import identified_ct, run_study
+
+    sources = [tmp_path / "a.dcm", tmp_path / "b.dcm"]
+    identified_ct(sources[0], sop="1.2.60.1", study="1.2.60")
+    identified_ct(sources[1], sop="1.2.61.1", study="1.2.61")
+    rows = run_study(tmp_path, sources)
+    series = pa.Table.from_pylist([
+        {"series_uid": r["series_uid"], "study_uid": r["study_uid"], "modality": "CR",
+         "description": "CHEST <b>", "n_instances": 1, "status": "published"} for r in rows
+    ], schema=cat.SERIES)
+    qc = pa.Table.from_pylist([{"level": "series", "uid": rows[1]["series_uid"],
+                                "rule": "radiograph_not_frontal", "outcome": "flagged",
+                                "detail": "view position LL is not frontal"}], schema=cat.QC)
+    files = {r["series_uid"]: r["output_path"] for r in rows}
+    out = contact_sheet("s1", "B1", series, qc, files)
+    page = out["reports/s1/B1/contact-sheet.html"].decode()
+    assert page.index(rows[1]["series_uid"]) < page.index(rows[0]["series_uid"])
+    assert "2 published series, 1 flagged" in page and "CHEST &lt;b&gt;" in page
+    for r in rows:
+        png = out[f"reports/s1/B1/thumbs/{r['series_uid']}.png"]
+        image = Image.open(io.BytesIO(png))
+        assert image.format == "PNG" and max(image.size) <= 128
