@@ -7,6 +7,8 @@ from datetime import date, datetime, timedelta
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
 
 from schemas.config import DEFAULT_WINDOWS, ClinicalConfig, Window
 from schemas.pipeline import DEIDENTIFIED, DEIDENTIFIED_CLINICAL
@@ -237,3 +239,43 @@ def test_split_exam_parts_merge_into_one_study(tmp_path):
     data = Path(rows[1]["output_path"]).read_bytes()
     assert merged[1]["sha256"] == hashlib.sha256(data).hexdigest()
     assert merged[1]["size_bytes"] == len(data)
+
+
+def test_exports_in_excel_and_parquet(tmp_path):
+    from openpyxl import Workbook
+
+    from tasks.deidentify.remap import RemapError, load_remap
+
+    book = Workbook()
+    book.active.append(["old_id", "new_id"])
+    book.active.append([1234567, 7654321])  # Excel keeps IDs as numbers
+    book.active.append([7654321, "C-9"])
+    book.save(tmp_path / "C19_HIRO_LDS_REMAP_PUB-LIST.xlsx")
+    assert load_remap(str(tmp_path / "C19_HIRO_LDS_REMAP_PUB-LIST.xlsx")) == {
+        "1234567": "C-9", "7654321": "C-9"}
+    book.active.append(["C-9", 1234567])
+    book.save(tmp_path / "cycle.xlsx")
+    with pytest.raises(RemapError, match="cycle"):
+        load_remap(str(tmp_path / "cycle.xlsx"))
+
+    keys = PseudonymKeys(b"curation-secret-0001")
+    book = Workbook()
+    book.active.append(["mrn", "covid_encounter_date", "test_method", "rtpcr_result", "sex",
+                        "birth_date", "wcc", "crp", "po2", "notes"])
+    book.active.append([7654321, datetime(2020, 4, 1), "PCR", "positive", "F",
+                        datetime(1960, 5, 2), 11.2, None, 9.1, "free text"])
+    book.save(tmp_path / "emr.xlsx")
+    result = deidentify_clinical(str(tmp_path / "emr.xlsx"),
+                                 ClinicalConfig(path="emr.xlsx"), keys, "s1", {})
+    [patient] = result.patients.to_pylist()
+    assert patient["patient_id"] == keys.patient_id("s1", "7654321")
+    assert patient["age_at_index"] == 59
+    assert {r["name"] for r in result.measurements.to_pylist()} == {"wcc", "po2"}
+
+    pq.write_table(pa.table({"mrn": ["M1"], "covid_encounter_date": ["2020-04-01"],
+                             "test_method": ["serology"], "rtpcr_result": [None],
+                             "sex": ["m"], "birth_date": ["1950-01-01"], "wcc": [5.5],
+                             "crp": [None], "po2": [None]}), tmp_path / "emr.parquet")
+    result = deidentify_clinical(str(tmp_path / "emr.parquet"),
+                                 ClinicalConfig(path="emr.parquet"), keys, "s1", {})
+    assert result.patients.to_pylist()[0]["test_method"] == "serology"

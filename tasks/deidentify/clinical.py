@@ -6,7 +6,6 @@ mapped, typed columns come out (free text never does). Ages above 89 are reporte
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 
@@ -17,6 +16,7 @@ from schemas.config import ClinicalConfig
 from schemas.pipeline import DEIDENTIFIED_CLINICAL
 from tasks.deidentify.keys import PseudonymKeys, normalize_patient_id
 from tasks.deidentify.remap import current_id
+from tasks.deidentify.tabular import read_rows
 
 COVID_STATUS = {"positive": "positive", "pos": "positive", "detected": "positive",
                 "negative": "negative", "neg": "negative", "not detected": "negative"}
@@ -36,7 +36,7 @@ class DeidentifiedClinical:
 
 def _parse_date(text: str) -> date | None:
     text = (text or "").strip()
-    for fmt in ("%Y-%m-%d", "%Y%m%d", "%m/%d/%Y"):
+    for fmt in ("%Y-%m-%d", "%Y%m%d", "%m/%d/%Y", "%Y-%m-%dT%H:%M:%S"):
         try:
             return datetime.strptime(text, fmt).date()
         except ValueError:
@@ -61,16 +61,14 @@ def _float(text: str | None) -> float | None:
 def deidentify_clinical(
     path: str, cfg: ClinicalConfig, keys: PseudonymKeys, site_id: str, remap: dict[str, str]
 ) -> DeidentifiedClinical:
-    """Read a CSV export and return pseudonymized patient rows and long-form measurements."""
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        header = set(reader.fieldnames or ())
-        wanted = [cfg.patient_id, cfg.index_date, cfg.sex, cfg.birth_date, cfg.test_method,
-                  cfg.result] + [m.column for m in cfg.measurements.values()]
-        for column in wanted:
-            if column not in header:
-                raise ClinicalError(f"clinical export has no column {column!r}")
-        raw_rows = list(reader)
+    """Read an EMR export (CSV, Excel or Parquet) and return pseudonymized patient rows and
+    long-form measurements."""
+    header, raw_rows = read_rows(path)
+    wanted = [cfg.patient_id, cfg.index_date, cfg.sex, cfg.birth_date, cfg.test_method,
+              cfg.result] + [m.column for m in cfg.measurements.values()]
+    for column in wanted:
+        if column not in header:
+            raise ClinicalError(f"clinical export has no column {column!r}")
 
     patients: dict[str, dict] = {}
     measurements: list[dict] = []

@@ -6,10 +6,8 @@ Chains (a -> b -> c) resolve to their end; a cycle is a data error and stops the
 
 from __future__ import annotations
 
-import csv
-from pathlib import Path
-
 from tasks.deidentify.keys import normalize_patient_id
+from tasks.deidentify.tabular import read_rows
 
 
 class RemapError(ValueError):
@@ -17,23 +15,23 @@ class RemapError(ValueError):
 
 
 def load_remap(path: str | None) -> dict[str, str]:
-    """Read an ``old_id,new_id`` CSV into a mapping from each old ID to its final current ID."""
+    """Read an ``old_id,new_id`` table (CSV, Excel or Parquet) into a mapping from each old ID
+    to its final current ID."""
     if not path:
         return {}
     edges: dict[str, str] = {}
-    with Path(path).open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        missing = {"old_id", "new_id"} - set(reader.fieldnames or ())
-        if missing:
-            raise RemapError(f"ID remap file lacks column {sorted(missing)[0]!r}")
-        for line, row in enumerate(reader, start=2):
-            old = normalize_patient_id(row["old_id"] or "")
-            new = normalize_patient_id(row["new_id"] or "")
-            if not old or not new or old == new:
-                continue
-            if old in edges and edges[old] != new:
-                raise RemapError(f"ID remap file maps one old ID to two new IDs (line {line})")
-            edges[old] = new
+    header, rows = read_rows(path)
+    missing = {"old_id", "new_id"} - set(header)
+    if missing:
+        raise RemapError(f"ID remap file lacks column {min(missing)!r}")
+    for line, row in enumerate(rows, start=2):
+        old = normalize_patient_id(row["old_id"] or "")
+        new = normalize_patient_id(row["new_id"] or "")
+        if not old or not new or old == new:
+            continue
+        if old in edges and edges[old] != new:
+            raise RemapError(f"ID remap file maps one old ID to two new IDs (line {line})")
+        edges[old] = new
     return {old: _follow(old, edges) for old in edges}
 
 
