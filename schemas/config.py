@@ -58,6 +58,7 @@ class QcConfig(Strict):
     frontal_views: tuple[str, ...] = ("PA", "AP")
     ct_slice_thickness_min: float = 2.5
     ct_slice_thickness_max: float = 5.0
+    ct_spacing_tolerance_mm: float = 0.1
     reviewer_cleared_series: tuple[str, ...] = ()
 
 
@@ -68,6 +69,7 @@ class QcOverrides(Strict):
     frontal_views: tuple[str, ...] | None = None
     ct_slice_thickness_min: float | None = None
     ct_slice_thickness_max: float | None = None
+    ct_spacing_tolerance_mm: float | None = None
     reviewer_cleared_series: tuple[str, ...] | None = None
 
 

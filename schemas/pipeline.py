@@ -56,6 +56,7 @@ DEIDENTIFIED = pa.schema(
         ("view_position", pa.string()),
         ("image_type", pa.string()),
         ("slice_thickness", pa.float64()),
+        ("slice_position", pa.float64()),
         ("instance_number", pa.int32()),
         ("rows", pa.int32()),
         ("columns", pa.int32()),

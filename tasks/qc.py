@@ -69,7 +69,11 @@ def evaluate_qc(deidentified: pa.Table, params: dict | None = None) -> QcResult:
     params = {**QcConfig().model_dump(), **(params or {})}
     instances = deidentified.filter(pc.equal(deidentified["status"], OK))
     con = duckdb.connect()
-    con.register("instances", instances)
+    con.register("readable", instances)
+    # rules also see each slice's distance to its neighbour in the series (slice_gap)
+    con.execute("CREATE VIEW instances AS SELECT *, abs(slice_position - lag(slice_position) "
+                "OVER (PARTITION BY series_uid ORDER BY slice_position)) AS slice_gap "
+                "FROM readable")
     outcome_rows: list[dict] = []
     excluded: dict[int, str] = {}
     for rule in rules["rules"]:

@@ -58,7 +58,8 @@ def test_qc_rules_exclude_with_reasons_and_honour_overrides():
 def test_qc_ct_and_radiograph_rules():
     t = table(
         # series 11: a good axial series with instance 3 missing
-        instance(0), instance(1), instance(2, instance_number=4),
+        instance(0, slice_position=0.0), instance(1, slice_position=2.5),
+        instance(2, instance_number=4, slice_position=7.5),
         # series 12: a scout, series 13: a 3D reconstruction, series 14: 1 mm slices
         instance(3, series_uid="2.25.12", image_type="ORIGINAL\\PRIMARY\\LOCALIZER"),
         instance(4, series_uid="2.25.13", image_type="DERIVED\\SECONDARY\\REFORMATTED\\3D"),
@@ -78,6 +79,7 @@ def test_qc_ct_and_radiograph_rules():
                if r["outcome"] == "flagged"}
     assert flagged == {
         ("2.25.11", "ct_missing_instances"): "instance numbers 1-4: 1 missing",
+        ("2.25.11", "ct_inconsistent_spacing"): "slice spacing varies from 2.5 to 5.0 mm",
         ("2.25.1008", "radiograph_not_frontal"): "view position LL is not frontal",
     }
     thickness = next(r for r in result.outcomes.to_pylist() if r["rule"] == "ct_slice_thickness")

@@ -158,7 +158,8 @@ SCANNED_BYTES = frozenset(vr.encode() for vr in SCANNED_VRS)
 # top-level values the result row and the checks after the rewrite read
 ROW_TAGS = frozenset({0x00080008, 0x00080016, 0x00080018, 0x00080020, 0x00080030, 0x00080060,
                       0x00081030, 0x0008103E, 0x00180015, 0x00180050, 0x00185101, 0x0020000D,
-                      0x0020000E, 0x00200013, 0x00280002, 0x00280008, 0x00280010, 0x00280011,
+                      0x0020000E, 0x00200013, 0x00200032, 0x00201041, 0x00280002, 0x00280008,
+                      0x00280010, 0x00280011,
                       0x00280100, 0x00280301})
 
 

@@ -212,6 +212,7 @@ def _deidentify_file(f: SourceFile, ctx: DeidContext, profile, siteid: str, uid_
         "view_position": value(0x00185101),
         "image_type": value(0x00080008),
         "slice_thickness": _as_float(value(0x00180050)),
+        "slice_position": _slice_position(value(0x00200032), value(0x00201041)),
         "instance_number": _as_int(value(0x00200013)),
         "rows": _as_int(value(0x00280010)),
         "columns": _as_int(value(0x00280011)),
@@ -255,6 +256,12 @@ def _as_date(value) -> object:
         return datetime.strptime(text[:8], "%Y%m%d").date() if len(text) >= 8 else None
     except ValueError:
         return None
+
+
+def _slice_position(position: str | None, location: str | None) -> float | None:
+    """Where the slice lies along the patient axis: Image Position z, else Slice Location."""
+    parts = (position or "").split("\\")
+    return _as_float(parts[2]) if len(parts) == 3 else _as_float(location)
 
 
 def _as_float(value) -> float | None:
