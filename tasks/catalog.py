@@ -166,6 +166,9 @@ def assemble_catalog(
         "quarantined_by_reason": dict(sorted((ingest_quarantined + Counter(
             r for d, r in decided.values() if d == QUARANTINED)).items())),
         "patients_without_clinical": sum(1 for p in patients if not p["has_clinical"]),
+        # clinical records whose patient has no image published yet (counted, not published)
+        "clinical_rows_without_images": len(
+            set(clinical_by_patient) - known_patients - {r["patient_id"] for r in published}),
     }
     if counts["files_in"] != counts["published"] + counts["excluded"] + counts["quarantined"]:
         raise AccountingError(

@@ -4,6 +4,7 @@ Dask cluster, checked against the generator's ground truth."""
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections import Counter
 from pathlib import Path
@@ -12,6 +13,9 @@ import duckdb
 import pyarrow.parquet as pq
 import pydicom
 import pytest
+
+from tasks.deidentify.keys import PseudonymKeys
+from tests.conftest import TEST_SECRET
 
 SC_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
 ALLOWED = {"CT", "CR", "DX"}
@@ -133,10 +137,17 @@ def test_catalog_is_queryable_and_consistent(published, corpus):
     split = duplicates.pop("split_merged")
     assert split > 0 and duplicates == dict(planted)
     assert set(planted) == {"resent", "double_store"}
+    # clinical records without images are counted in the run record, never published
+    for site_id, site in truth["sites"].items():
+        lonely = [p["mrn"] for p in site["patients"] if p["has_clinical"] and not p["has_images"]]
+        counts = [json.loads(c) for (c,) in con.sql(
+            "select counts from runs where site_id = ?", params=[site_id]).fetchall()]
+        assert min(c["clinical_rows_without_images"] for c in counts) >= len(lonely) > 0
+        for mrn in lonely:
+            pseudonym = PseudonymKeys(TEST_SECRET.encode()).patient_id(site_id, mrn)
+            assert con.sql("select count(*) from patients where patient_id = ?",
+                           params=[pseudonym]).fetchone() == (0,)
     # the CT exam split into two zips is one study in the catalog and the published DICOM
-    from tasks.deidentify.keys import PseudonymKeys
-    from tests.conftest import TEST_SECRET
-
     keys = PseudonymKeys(TEST_SECRET.encode())
     site = next(v for v in truth["sites"].values() if v["layout"] == "zip_batches")
     parts = [f for f in site["files"] if f["quirk"] == "ct_split"]
