@@ -281,3 +281,16 @@ def test_exports_in_excel_and_parquet(tmp_path):
     result = deidentify_clinical(str(tmp_path / "emr.parquet"),
                                  ClinicalConfig(path="emr.parquet"), keys, "s1", {})
     assert result.patients.to_pylist()[0]["test_method"] == "serology"
+
+
+def test_qc_flags_repeated_instances_and_mixed_sizes():
+    t = table(
+        instance(0, slice_position=0.0), instance(1, instance_number=1, slice_position=2.5),
+        instance(2, series_uid="2.25.15", rows=512, columns=512, slice_position=0.0),
+        instance(3, series_uid="2.25.15", rows=256, columns=256, slice_position=2.5),
+    )
+    result = evaluate_qc(t)
+    assert result.excluded == {}
+    flagged = {(r["uid"], r["rule"]): r["detail"] for r in result.outcomes.to_pylist()}
+    assert flagged[("2.25.11", "ct_duplicate_instances")] == "1 repeated instance numbers"
+    assert flagged[("2.25.15", "mixed_image_sizes")] == "2 different image sizes"

@@ -125,3 +125,25 @@ def test_contact_sheet_lists_flagged_series_first_with_thumbnails(tmp_path):
         png = out[f"reports/s1/B1/thumbs/{r['series_uid']}.png"]
         image = Image.open(io.BytesIO(png))
         assert image.format == "PNG" and max(image.size) <= 128
+
+
+def test_contact_sheet_decodes_compressed_pixel_data(tmp_path):
+    import numpy as np
+    import pydicom
+    from pydicom.uid import JPEG2000Lossless, RLELossless
+
+    from tasks.contact_sheet import thumbnail_png
+    from tests.test_deidentify import identified_ct, run_study
+
+    for syntax in (RLELossless, JPEG2000Lossless):
+        src = tmp_path / f"{syntax.name}.dcm"
+        identified_ct(src, sop=f"1.2.70.{len(syntax)}")
+        ds = pydicom.dcmread(src)
+        ds.Rows = ds.Columns = 64
+        ds.PixelData = (np.arange(64 * 64, dtype=np.uint16) % 4096).tobytes()
+        ds.compress(syntax)
+        ds.save_as(src)
+        [row] = run_study(tmp_path, [src])
+        assert row["transfer_syntax"] == syntax  # passed through, not re-encoded
+        png = thumbnail_png(row["output_path"])
+        assert png is not None and png.startswith(b"\x89PNG")
