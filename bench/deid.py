@@ -131,7 +131,7 @@ def radrepo_index(corpus: Path, work: Path):
 
     site = SiteConfig(site_id="bench", source={"kind": "folder", "path": str(corpus)})
     [batch] = ingest.discover_batches(site, str(work), set())
-    return ingest.ingest_batch(batch, str(corpus), str(work)).index
+    return ingest.ingest_batch(batch, site.source, str(work)).index
 
 
 def time_radrepo_step(index, client, scratch: Path) -> float:

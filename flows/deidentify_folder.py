@@ -40,7 +40,7 @@ def deidentify_folder(in_dir: Path, out_dir: Path, site_id: str, options: tuple[
         [batch] = ingest.discover_batches(site, private, set()) or [None]
         if batch is None:
             return FolderResult(0, 0, 0, Counter())
-        index = ingest.ingest_batch(batch, str(in_dir), private).index
+        index = ingest.ingest_batch(batch, site.source, private).index
         staged = Path(private) / "deidentified"
         ctx = DeidContext(keys=keys, site_id=site_id, options=options, remap={},
                           out_dir=str(staged))

@@ -23,7 +23,7 @@ from prefect.runtime import flow_run
 from flows.cluster import dask_client
 from flows.secret import keys_from_env
 from schemas.catalog import CLINICAL, RUNS
-from schemas.config import RadrepoConfig
+from schemas.config import RadrepoConfig, SourceConfig
 from schemas.pipeline import DEIDENTIFIED_CLINICAL, QUARANTINED
 from tasks import catalog, clinical, dedupe, ingest, qc, verify
 from tasks import publish as publishing
@@ -44,8 +44,9 @@ class BatchNotFound(LookupError):
 
 
 @step(name="ingest")
-def ingest_step(batch: ingest.BatchRef, source_url: str, work_dir: str) -> ingest.IngestResult:
-    return ingest.ingest_batch(batch, source_url, work_dir)
+def ingest_step(batch: ingest.BatchRef, source: SourceConfig,
+                work_dir: str) -> ingest.IngestResult:
+    return ingest.ingest_batch(batch, source, work_dir)
 
 
 @step(name="deidentify")
@@ -170,7 +171,7 @@ def site_batch(config: RadrepoConfig, site_id: str, batch_id: str, force: bool =
     batch = find_batch(config, site_id, batch_id, release)
     run_id = str(flow_run.id or f"local-{started:%Y%m%dT%H%M%S}")
 
-    ingested = ingest_step(batch, site.source.path, config.work_dir)
+    ingested = ingest_step(batch, site.source, config.work_dir)
     remap = load_remap(site.id_remap)
     staging = Path(config.work_dir) / site_id / "staging" / batch_id / "deidentified"
     ctx = DeidContext(keys=keys, site_id=site_id, options=tuple(config.deid.options),

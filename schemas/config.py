@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -27,6 +27,9 @@ class Strict(BaseModel):
 class SourceConfig(Strict):
     kind: Literal["zip_batches", "folder", "flat"]
     path: str
+    # fsspec options for the path's filesystem, e.g. an S3 endpoint:
+    # {client_kwargs: {endpoint_url: http://127.0.0.1:9000}}; credentials stay in the environment
+    storage_options: dict[str, Any] = Field(default_factory=dict)
 
 
 class Measurement(Strict):

@@ -23,7 +23,7 @@ from fsspec.implementations.local import LocalFileSystem
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
-from schemas.config import SiteConfig
+from schemas.config import SiteConfig, SourceConfig
 from schemas.pipeline import LEDGER, OK, QUARANTINE, QUARANTINED, SOURCE_INDEX
 
 BATCH_FOLDER = re.compile(r"^(?P<batch>.+?)-(?P<state>COMPLETE|IN-PROGRESS)$")
@@ -91,7 +91,7 @@ def discover_batches(site: SiteConfig, work_dir: str, published: set[str]) -> li
     ``published`` holds the site's complete batch ids: the ledger only vouches for objects
     of those, so a release rebuilt from scratch picks every object up again.
     """
-    fs, root = fsspec.core.url_to_fs(site.source.path)
+    fs, root = fsspec.core.url_to_fs(site.source.path, **site.source.storage_options)
     files = _list_files(fs, root)
     if site.source.kind == "zip_batches":
         by_batch: dict[str, list[SourceObject]] = {}
@@ -302,9 +302,12 @@ def _ingest_file(objects: _Objects, fs, root: str, key: str, known_sha256: str |
     _index_staged(objects, key, staged, size, digest, {})
 
 
-def ingest_batch(batch: BatchRef, source_url: str, work_dir: str) -> IngestResult:
-    """Index every object of a batch; write the index and quarantine list to the private zone."""
-    fs, _ = fsspec.core.url_to_fs(source_url)
+def ingest_batch(batch: BatchRef, source: SourceConfig, work_dir: str) -> IngestResult:
+    """Index every object of a batch; write the index and quarantine list to the private zone.
+
+    Objects on a remote filesystem (S3 and other fsspec URLs) are staged into the work folder
+    as they are read, by opaque id; local files are read in place."""
+    fs, _ = fsspec.core.url_to_fs(source.path, **source.storage_options)
     work = site_work_dir(work_dir, batch.site_id)
     objects = _Objects(batch, work)
     if objects.staging.exists():
@@ -378,9 +381,9 @@ def clear_staging(work_dir: str, site_id: str, batch_id: str) -> None:
         shutil.rmtree(staging)
 
 
-def detect_source_kind(url: str) -> str:
+def detect_source_kind(url: str, storage_options: dict | None = None) -> str:
     """``zip_batches`` when the folder holds tip-sheet batch folders, else ``folder``."""
-    fs, root = fsspec.core.url_to_fs(url)
+    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
     if not fs.isdir(root):
         raise FileNotFoundError(f"source folder does not exist: {url}")
     names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False) if fs.isdir(p)]

@@ -42,7 +42,8 @@ def test_zip_batches_skip_in_progress_and_parse_exam_names(tmp_path):
     assert [b.batch_id for b in batches] == ["CT-UPDATE-20200519", "CXR-UPDATE-20200523"]
     assert ingest.discover_batches(site("zip_batches", src), str(tmp_path / "work"),
                                    {"CT-UPDATE-20200519"})[0].batch_id == "CXR-UPDATE-20200523"
-    result = ingest.ingest_batch(batches[1], str(src), str(tmp_path / "work"))
+    result = ingest.ingest_batch(batches[1], site("zip_batches", src).source,
+                                 str(tmp_path / "work"))
     rows = result.index.to_pylist()
     assert [r["status"] for r in rows] == ["ok", "quarantined"]
     dicom, readme = rows
@@ -94,7 +95,7 @@ def test_bad_inputs_are_quarantined_with_reasons(tmp_path):
     with zipfile.ZipFile(src / "bomb.zip", "w", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("zeros.dcm", b"\0" * (4 << 20))
     [batch] = ingest.discover_batches(site("flat", src), str(work), set())
-    result = ingest.ingest_batch(batch, str(src), str(work))
+    result = ingest.ingest_batch(batch, site("flat", src).source, str(work))
     reasons = {r["key"]: r["reason"] for r in result.index.to_pylist()}
     assert reasons == {
         "bomb.zip!zeros.dcm": "zip entry compression ratio too high (zip bomb)",
@@ -121,7 +122,7 @@ def test_vanished_file_is_quarantined(tmp_path):
     identified_ct(src / "b.dcm", sop="1.2.7.2")
     [batch] = ingest.discover_batches(site("flat", src), work, set())
     (src / "b.dcm").unlink()
-    rows = ingest.ingest_batch(batch, str(src), work).index.to_pylist()
+    rows = ingest.ingest_batch(batch, site("flat", src).source, work).index.to_pylist()
     assert [(r["key"], r["reason"]) for r in rows] == [
         ("a.dcm", None), ("b.dcm", "file vanished during ingest")]
 
@@ -145,7 +146,8 @@ def test_dicomdir_is_recognised_and_never_passed_on(tmp_path):
     fileset.add(str(tmp_path / "a.dcm"))
     fileset.write(media)
     [batch] = ingest.discover_batches(site("folder", media), str(tmp_path / "work"), set())
-    rows = ingest.ingest_batch(batch, str(media), str(tmp_path / "work")).index.to_pylist()
+    rows = ingest.ingest_batch(batch, site("folder", media).source,
+                                str(tmp_path / "work")).index.to_pylist()
     reasons = {r["key"].rsplit("/", 1)[-1]: r["reason"] for r in rows}
     assert reasons.pop("DICOMDIR") == "DICOMDIR index file (not an image)"
     assert list(reasons.values()) == [None]  # the image it indexes is ingested as usual

@@ -1,0 +1,66 @@
+"""Ingest from object storage: zip batches in a bucket on moto's S3 server (127.0.0.1), read
+through s3fs, index exactly as the same batches read from a local folder."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from schemas.config import SiteConfig
+from tasks import ingest
+
+COMPARED = ("key", "size", "sha256", "status", "reason", "patient_id", "study_uid",
+            "series_uid", "sop_uid", "sop_class_uid", "modality", "exam_id", "exam_time",
+            "exam_description", "member_path")
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """moto's S3 server on loopback; credentials are moto's dummies, from the environment."""
+    from moto.server import ThreadedMotoServer
+
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                             "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_DEFAULT_REGION="us-east-1")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def test_zip_batches_on_s3_index_like_the_local_copy(s3_endpoint, corpus, tmp_path):
+    import s3fs
+
+    corpus_dir, truth = corpus
+    site_id, site = next((k, v) for k, v in truth["sites"].items()
+                         if v["layout"] == "zip_batches")
+    local_root = corpus_dir / site["source"]
+    options = {"client_kwargs": {"endpoint_url": s3_endpoint}}
+    fs = s3fs.S3FileSystem(**options)
+    fs.mkdir("radrepo-sources")
+    fs.put(str(local_root), "radrepo-sources/site-a", recursive=True)
+
+    local = SiteConfig(site_id=site_id, source={"kind": "zip_batches", "path": str(local_root)})
+    remote = SiteConfig(site_id=site_id, source={
+        "kind": "zip_batches", "path": "s3://radrepo-sources/site-a", "storage_options": options})
+    local_batches = ingest.discover_batches(local, str(tmp_path / "work-local"), set())
+    remote_batches = ingest.discover_batches(remote, str(tmp_path / "work-s3"), set())
+    assert [b.batch_id for b in remote_batches] == [b.batch_id for b in local_batches]
+    assert [b.batch_id for b in remote_batches] == sorted(
+        b for b, info in site["batches"].items() if info["complete"])
+    for lb, rb in zip(local_batches, remote_batches, strict=True):
+        want = ingest.ingest_batch(lb, local.source, str(tmp_path / "work-local")).index
+        got = ingest.ingest_batch(rb, remote.source, str(tmp_path / "work-s3")).index
+        assert got.select(COMPARED).to_pylist() == want.select(COMPARED).to_pylist()
+        # what came from S3 was staged in the private work folder only
+        assert all(p.startswith(str(tmp_path / "work-s3"))
+                   for p in got.column("staged_path").to_pylist() if p)
+    assert ingest.detect_source_kind("s3://radrepo-sources/site-a", options) == "zip_batches"
