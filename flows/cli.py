@@ -78,6 +78,9 @@ def print_summaries(summaries: list[dict]) -> None:
             "files_in", "published", "excluded", "quarantined")))
     console.print(table)
     for s in summaries:
+        if s.get("skipped_already_ingested"):
+            console.print(f"  {s['site_id']} {s['batch_id']}: {s['skipped_already_ingested']} "
+                          "objects skipped, already ingested", highlight=False, markup=False)
         for label, key in (("excluded", "excluded_by_reason"),
                            ("quarantined", "quarantined_by_reason")):
             for reason, n in (s.get(key) or {}).items():

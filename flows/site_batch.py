@@ -202,7 +202,8 @@ def site_batch(config: RadrepoConfig, site_id: str, batch_id: str, force: bool =
         duplicates=dups.rows, known_patients=known,
     )
     profile = load_profile(tuple(config.deid.options)).method_description
-    run = _run_table(run_id, profile, started, assembled.counts)
+    counts = {**assembled.counts, "skipped_already_ingested": batch.already_ingested}
+    run = _run_table(run_id, profile, started, counts)
     reports = contact_sheet_step(site_id, batch_id, assembled, deidentified)
     verify_step(identifiers_path, assembled, run, reports)
     result = publish_step(release, site_id, batch_id, assembled, deidentified, run, run_id,
@@ -210,7 +211,6 @@ def site_batch(config: RadrepoConfig, site_id: str, batch_id: str, force: bool =
     ingest.record_ingested(batch, config.work_dir)
     ingest.forget_pending(config.work_dir, site_id, batch_id)
     ingest.clear_staging(config.work_dir, site_id, batch_id)
-    counts = assembled.counts
     logger.info("site %s batch %s: %d files in, %d published, %d excluded, %d quarantined",
                 site_id, batch_id, counts["files_in"], counts["published"], counts["excluded"],
                 counts["quarantined"])

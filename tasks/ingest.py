@@ -64,6 +64,7 @@ class BatchRef:
     batch_id: str
     root: str
     objects: tuple[SourceObject, ...]
+    already_ingested: int = 0
 
 
 @dataclass(frozen=True)
@@ -95,16 +96,21 @@ def discover_batches(site: SiteConfig, work_dir: str, published: set[str]) -> li
     files = _list_files(fs, root)
     if site.source.kind == "zip_batches":
         by_batch: dict[str, list[SourceObject]] = {}
+        loose = hashlib.sha256()
         for key, info in files.items():
             folder = key.split("/", 1)[0]
-            if "/" not in key:
-                continue
             match = BATCH_FOLDER.match(folder)
             if match and match["state"] == "IN-PROGRESS":
                 continue
-            batch_id = match["batch"] if match else folder
+            if "/" in key:
+                batch_id = match["batch"] if match else folder
+            else:  # a file beside the batch folders: its own batch, so nothing goes unseen
+                batch_id = "loose"
+                loose.update(f"{key}\t{info['size']}\n".encode())
             obj = SourceObject(key, info["size"], _mtime_ns(info))
             by_batch.setdefault(batch_id, []).append(obj)
+        if "loose" in by_batch:
+            by_batch[f"loose-{loose.hexdigest()[:12]}"] = by_batch.pop("loose")
         return [
             BatchRef(site.site_id, b, root, tuple(objs))
             for b, objs in sorted(by_batch.items())
@@ -114,12 +120,15 @@ def discover_batches(site: SiteConfig, work_dir: str, published: set[str]) -> li
     known = {row["key"]: row for row in ledger.to_pylist() if row["batch_id"] in published}
     new: list[SourceObject] = []
     fingerprint = hashlib.sha256()
+    skipped = 0
     for key, info in files.items():
         seen = known.get(key)
         if seen and seen["size"] == info["size"] and seen["mtime_ns"] == _mtime_ns(info):
+            skipped += 1
             continue
         digest = _hash_file(fs, f"{root}/{key}")
         if seen and seen["sha256"] == digest:
+            skipped += 1
             continue
         new.append(SourceObject(key, info["size"], _mtime_ns(info), digest))
         fingerprint.update(f"{key}\t{digest}\n".encode())
@@ -128,7 +137,7 @@ def discover_batches(site: SiteConfig, work_dir: str, published: set[str]) -> li
     batch_id = f"{site.source.kind}-{fingerprint.hexdigest()[:12]}"
     if batch_id in published:
         return []
-    return [BatchRef(site.site_id, batch_id, root, tuple(new))]
+    return [BatchRef(site.site_id, batch_id, root, tuple(new), already_ingested=skipped)]
 
 
 def _mtime_ns(info: dict) -> int:
@@ -367,7 +376,7 @@ def load_pending(work_dir: str, site_id: str, batch_id: str) -> BatchRef | None:
         return None
     raw = json.loads(path.read_text())
     return BatchRef(raw["site_id"], raw["batch_id"], raw["root"],
-                    tuple(SourceObject(**o) for o in raw["objects"]))
+                    tuple(SourceObject(**o) for o in raw["objects"]), raw["already_ingested"])
 
 
 def forget_pending(work_dir: str, site_id: str, batch_id: str) -> None:

@@ -151,3 +151,29 @@ def test_dicomdir_is_recognised_and_never_passed_on(tmp_path):
     reasons = {r["key"].rsplit("/", 1)[-1]: r["reason"] for r in rows}
     assert reasons.pop("DICOMDIR") == "DICOMDIR index file (not an image)"
     assert list(reasons.values()) == [None]  # the image it indexes is ingested as usual
+
+
+def test_loose_files_beside_batch_folders_are_not_lost(tmp_path):
+    src = tmp_path / "src"
+    zip_site(src)
+    (src / "export-notes.txt").write_text("sent by PACS admin")
+    batches = ingest.discover_batches(site("zip_batches", src), str(tmp_path / "work"), set())
+    loose = [b for b in batches if b.batch_id.startswith("loose-")]
+    assert len(loose) == 1 and [o.key for o in loose[0].objects] == ["export-notes.txt"]
+    rows = ingest.ingest_batch(loose[0], site("zip_batches", src).source,
+                               str(tmp_path / "work")).index.to_pylist()
+    assert [(r["key"], r["reason"]) for r in rows] == [("export-notes.txt", "not DICOM")]
+
+
+def test_folder_discovery_counts_what_it_skips(tmp_path):
+    src, work = tmp_path / "src", str(tmp_path / "work")
+    src.mkdir()
+    identified_ct(src / "a.dcm", sop="1.2.5.1")
+    cfg = site("folder", src)
+    [first] = ingest.discover_batches(cfg, work, set())
+    ingest.record_ingested(first, work)
+    identified_ct(src / "b.dcm", sop="1.2.5.2")
+    [second] = ingest.discover_batches(cfg, work, {first.batch_id})
+    assert second.already_ingested == 1 and len(second.objects) == 1
+    ingest.save_pending(second, work)
+    assert ingest.load_pending(work, "s1", second.batch_id) == second
