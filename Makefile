@@ -1,5 +1,5 @@
 # The two commands the README promises: `make demo` and `make test`.
-# Each builds .venv (and installs the local services tests need) on a fresh machine.
+# Each builds .venv on a fresh machine; tests start their own services on 127.0.0.1.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -16,7 +16,6 @@ demo: $(STAMP)
 	$(VENV)/bin/radrepo demo radrepo-demo
 
 test: $(STAMP)
-	bash infra/install-services.sh
 	$(VENV)/bin/python -m pytest -q
 
 lint: $(STAMP)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -9,7 +10,7 @@ from prefect import flow, get_run_logger
 from flows.cluster import dask_client
 from flows.secret import keys_from_env
 from flows.site_batch import site_batch
-from schemas.config import RadrepoConfig
+from schemas.config import RadrepoConfig, load_config
 from tasks import ingest
 from tasks.publish import Release
 
@@ -40,3 +41,10 @@ def nightly(config: RadrepoConfig, sites: list[str] | None = None,
             summaries.append(site_batch(config, site_id, batch_id, force=force,
                                         scheduler=client.scheduler.address))
     return summaries
+
+
+@flow(name="nightly-from-file")
+def nightly_from_file(config_path: str, sites: list[str] | None = None,
+                      batches: list[str] | None = None) -> list[dict[str, Any]]:
+    """``nightly`` over a consortium YAML read at run time: the entry point for deployments."""
+    return nightly(load_config(Path(config_path)), sites, batches)

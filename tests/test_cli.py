@@ -123,3 +123,19 @@ def test_deidentify_command_cleans_a_folder(tmp_path):
     (src / "DOE_JANE" / "notes.txt").unlink()
     clean = runner.invoke(app, ["deidentify", str(src), str(tmp_path / "clean2")])
     assert clean.exit_code == 0 and "0 quarantined" in clean.output
+
+
+def test_nightly_from_file_is_the_deployment_entry_point(prefect_server, corpus, tmp_path):
+    import yaml
+
+    from flows.nightly import nightly_from_file
+
+    corpus_dir, truth = corpus
+    flat_id, flat = next((k, v) for k, v in truth["sites"].items() if v["layout"] == "flat")
+    config = write(tmp_path / "consortium.yaml", yaml.safe_dump({
+        "release": "release", "work_dir": "work",
+        "sites": [{"site_id": flat_id, "source": {"kind": "flat",
+                                                  "path": str(corpus_dir / flat["source"])}}]}))
+    [summary] = nightly_from_file(str(config))
+    assert summary["status"] == "published" and summary["files_in"] == len(flat["files"])
+    assert (tmp_path / "release" / "batches" / flat_id / summary["batch_id"] / "COMPLETE").exists()
