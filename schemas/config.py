@@ -42,7 +42,8 @@ class ClinicalConfig(Strict):
     patient_id: str = "mrn"
     index_date: str = "covid_encounter_date"
     sex: str = "sex"
-    birth_date: str = "birth_date"
+    birth_date: str | None = "birth_date"
+    age: str | None = None  # an age-at-encounter column, for exports without birth dates
     test_method: str = "test_method"
     result: str = "rtpcr_result"
     measurements: dict[str, Measurement] = Field(

@@ -294,3 +294,16 @@ def test_qc_flags_repeated_instances_and_mixed_sizes():
     flagged = {(r["uid"], r["rule"]): r["detail"] for r in result.outcomes.to_pylist()}
     assert flagged[("2.25.11", "ct_duplicate_instances")] == "1 repeated instance numbers"
     assert flagged[("2.25.15", "mixed_image_sizes")] == "2 different image sizes"
+
+
+def test_clinical_export_with_ages_instead_of_birth_dates(tmp_path):
+    keys = PseudonymKeys(b"curation-secret-0001")
+    csv = tmp_path / "emr.csv"
+    csv.write_text("id,encounter,method,result,gender,age_years\n"
+                   "X1,2020-04-01,PCR,positive,F,67\nX2,2020-04-02,PCR,negative,M,93\n")
+    cfg = ClinicalConfig(path=str(csv), patient_id="id", index_date="encounter",
+                         test_method="method", result="result", sex="gender",
+                         birth_date=None, age="age_years", measurements={})
+    ages = {r["patient_id"]: r["age_at_index"]
+            for r in deidentify_clinical(str(csv), cfg, keys, "s1", {}).patients.to_pylist()}
+    assert ages == {keys.patient_id("s1", "X1"): 67, keys.patient_id("s1", "X2"): 90}

@@ -51,6 +51,14 @@ def _age(birth: date | None, at: date | None) -> int | None:
     return min(years, 90) if years >= 0 else None
 
 
+def _age_at_index(row: dict, cfg: ClinicalConfig, index_day: date) -> int | None:
+    """From the birth date when the export has one, else from its age column; 90 above 89."""
+    if cfg.birth_date and row.get(cfg.birth_date):
+        return _age(_parse_date(row[cfg.birth_date]), index_day)
+    age = _float(row.get(cfg.age)) if cfg.age else None
+    return min(int(age), 90) if age is not None and age >= 0 else None
+
+
 def _float(text: str | None) -> float | None:
     try:
         return float(text) if text not in (None, "") else None
@@ -64,8 +72,8 @@ def deidentify_clinical(
     """Read an EMR export (CSV, Excel or Parquet) and return pseudonymized patient rows and
     long-form measurements."""
     header, raw_rows = read_rows(path)
-    wanted = [cfg.patient_id, cfg.index_date, cfg.sex, cfg.birth_date, cfg.test_method,
-              cfg.result] + [m.column for m in cfg.measurements.values()]
+    wanted = [cfg.patient_id, cfg.index_date, cfg.sex, cfg.test_method, cfg.result] + [
+        c for c in (cfg.birth_date, cfg.age) if c] + [m.column for m in cfg.measurements.values()]
     for column in wanted:
         if column not in header:
             raise ClinicalError(f"clinical export has no column {column!r}")
@@ -93,7 +101,7 @@ def deidentify_clinical(
             "patient_id": pseudonym,
             "index_date": index_day + offset,
             "sex": (row[cfg.sex] or "").strip().upper()[:1] or None,
-            "age_at_index": _age(_parse_date(row[cfg.birth_date]), index_day),
+            "age_at_index": _age_at_index(row, cfg, index_day),
             "covid_status": COVID_STATUS.get(result, "unknown"),
             "test_method": (row[cfg.test_method] or "").strip() or None,
         }
