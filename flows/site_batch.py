@@ -101,10 +101,10 @@ def contact_sheet_step(site_id: str, batch_id: str, assembled: catalog.CatalogBa
 
 @step(name="verify")
 def verify_step(identifiers_path: str, assembled: catalog.CatalogBatch, run: pa.Table,
-                reports: dict[str, bytes]) -> int:
+                reports: dict[str, bytes], batch_id: str) -> int:
     """The gate: fail the batch if any identifier seen at the source is in what would publish."""
     matcher = verify.read_identifiers([Path(identifiers_path)])
-    findings = []
+    findings = verify.scan_names([f"batch {batch_id}"], matcher)
     for relative, data in reports.items():
         findings += verify.scan_names([relative], matcher)
         if relative.endswith(".html"):
@@ -205,7 +205,7 @@ def site_batch(config: RadrepoConfig, site_id: str, batch_id: str, force: bool =
     counts = {**assembled.counts, "skipped_already_ingested": batch.already_ingested}
     run = _run_table(run_id, profile, started, counts)
     reports = contact_sheet_step(site_id, batch_id, assembled, deidentified)
-    verify_step(identifiers_path, assembled, run, reports)
+    verify_step(identifiers_path, assembled, run, reports, batch_id)
     result = publish_step(release, site_id, batch_id, assembled, deidentified, run, run_id,
                           config.work_dir, reports)
     ingest.record_ingested(batch, config.work_dir)

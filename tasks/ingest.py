@@ -103,7 +103,9 @@ def discover_batches(site: SiteConfig, work_dir: str, published: set[str]) -> li
             if match and match["state"] == "IN-PROGRESS":
                 continue
             if "/" in key:
-                batch_id = match["batch"] if match else folder
+                # a folder outside the batch naming scheme may carry a name: never publish it
+                batch_id = match["batch"] if match else (
+                    "batch-" + hashlib.sha256(folder.encode()).hexdigest()[:12])
             else:  # a file beside the batch folders: its own batch, so nothing goes unseen
                 batch_id = "loose"
                 loose.update(f"{key}\t{info['size']}\n".encode())

@@ -153,6 +153,14 @@ def test_dicomdir_is_recognised_and_never_passed_on(tmp_path):
     assert list(reasons.values()) == [None]  # the image it indexes is ingested as usual
 
 
+def test_folders_outside_the_batch_scheme_get_opaque_batch_ids(tmp_path):
+    src = tmp_path / "src"
+    (src / "SMITH_JOHN").mkdir(parents=True)
+    identified_ct(src / "SMITH_JOHN" / "a.dcm", sop="1.2.8.1")
+    [batch] = ingest.discover_batches(site("zip_batches", src), str(tmp_path / "work"), set())
+    assert batch.batch_id.startswith("batch-") and "SMITH" not in batch.batch_id
+
+
 def test_loose_files_beside_batch_folders_are_not_lost(tmp_path):
     src = tmp_path / "src"
     zip_site(src)
