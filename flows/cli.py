@@ -67,10 +67,11 @@ def _one_off_config(sources: list[str], clinical: list[str], remaps: list[str],
     return parse_config(raw, Path.cwd())
 
 
-def print_summaries(summaries: list[dict]) -> None:
+def print_summaries(summaries: list[dict],
+                    empty: str = "nothing to do: every batch found is already published") -> None:
     """One line per batch with its accounting."""
     if not summaries:
-        console.print("nothing to do: every batch found is already published")
+        console.print(empty)
         return
     table = Table("site", "batch", "status", "files in", "published", "excluded", "quarantined")
     for s in summaries:
@@ -145,6 +146,37 @@ def run(
     except (ConfigError, SecretError) as err:
         _fail(str(err), 2)
     print_summaries(summaries)
+
+
+@app.command()
+def backfill(
+    config: Annotated[Path, typer.Argument(help="consortium YAML")],
+    site: Annotated[list[str] | None, typer.Option(help="only this site (repeatable)")] = None,
+    batch: Annotated[list[str] | None, typer.Option(help="this batch id (repeatable)")] = None,
+    since: Annotated[str | None, typer.Option(help="batches dated on or after YYYY-MM-DD")] = None,
+    until: Annotated[str | None, typer.Option(help="batches dated up to YYYY-MM-DD")] = None,
+) -> None:
+    """Run chosen batches again (by id or by the date in their id), published ones included."""
+    from datetime import date
+
+    from flows.nightly import backfill as backfill_flow
+    from flows.secret import keys_from_env
+
+    try:
+        days = [date.fromisoformat(d) if d else None for d in (since, until)]
+    except ValueError:
+        _fail("--since/--until take a date as YYYY-MM-DD", 2)
+    if not batch and days == [None, None]:
+        _fail("name --batch ids or a --since/--until window", 2)
+    try:
+        cfg = load_config(config)
+        for s in site or []:
+            cfg.site(s)
+        keys_from_env(cfg.secret_env)
+        summaries = backfill_flow(cfg, sites=site, batches=batch, since=days[0], until=days[1])
+    except (ConfigError, SecretError) as err:
+        _fail(str(err), 2)
+    print_summaries(summaries, empty="nothing to do: no batch matches")
 
 
 @app.command()

@@ -1,7 +1,11 @@
-"""The nightly flow: for each site, every batch not yet published, one ``site_batch`` each."""
+"""The nightly flow (every batch not yet published, one ``site_batch`` each) and the backfill
+flow (chosen batches again, on purpose)."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +19,9 @@ from tasks import ingest
 from tasks.publish import Release
 
 
-@flow(name="nightly")
-def nightly(config: RadrepoConfig, sites: list[str] | None = None,
-            batches: list[str] | None = None, force: bool = False) -> list[dict[str, Any]]:
-    """Run every new batch of every (or the named) site; return one summary per batch."""
+def _run_batches(config: RadrepoConfig, sites: list[str] | None,
+                 wanted: Callable[[str], bool], force: bool) -> list[dict[str, Any]]:
+    """Discover each chosen site's batches, keep the wanted ones, run ``site_batch`` on each."""
     logger = get_run_logger()
     keys_from_env(config.secret_env)
     release = Release(config.release)
@@ -28,10 +31,9 @@ def nightly(config: RadrepoConfig, sites: list[str] | None = None,
         published = set() if force else {b for s, b in release.complete_batches()
                                          if s == site.site_id}
         for batch in ingest.discover_batches(site, config.work_dir, published):
-            if batches and batch.batch_id not in batches:
-                continue
-            ingest.save_pending(batch, config.work_dir)
-            plan.append((site.site_id, batch.batch_id))
+            if wanted(batch.batch_id):
+                ingest.save_pending(batch, config.work_dir)
+                plan.append((site.site_id, batch.batch_id))
     logger.info("%d batch(es) to run across %d site(s)", len(plan), len(chosen))
     if not plan:
         return []
@@ -41,6 +43,44 @@ def nightly(config: RadrepoConfig, sites: list[str] | None = None,
             summaries.append(site_batch(config, site_id, batch_id, force=force,
                                         scheduler=client.scheduler.address))
     return summaries
+
+
+@flow(name="nightly")
+def nightly(config: RadrepoConfig, sites: list[str] | None = None,
+            batches: list[str] | None = None, force: bool = False) -> list[dict[str, Any]]:
+    """Run every new batch of every (or the named) site; return one summary per batch."""
+    return _run_batches(config, sites, lambda b: not batches or b in batches, force)
+
+
+def batch_date(batch_id: str) -> date | None:
+    """The date a batch id carries (``CXR-UPDATE-20200523`` -> 2020-05-23), if any."""
+    found = re.search(r"(?<!\d)(\d{8})(?!\d)", batch_id)
+    try:
+        return datetime.strptime(found.group(1), "%Y%m%d").date() if found else None
+    except ValueError:
+        return None
+
+
+@flow(name="backfill")
+def backfill(config: RadrepoConfig, sites: list[str] | None = None,
+             batches: list[str] | None = None, since: date | None = None,
+             until: date | None = None) -> list[dict[str, Any]]:
+    """Run the named batches, or those whose date lies in ``since..until``, again on purpose.
+
+    Published batches are redone; identical output is not rewritten and each run adds a run
+    record. Batches whose id carries no date are only taken by name.
+    """
+    if not batches and since is None and until is None:
+        raise ValueError("backfill needs batch ids or a date window (since/until)")
+
+    def wanted(batch_id: str) -> bool:
+        if batches and batch_id in batches:
+            return True
+        day = batch_date(batch_id)
+        return (since is not None or until is not None) and day is not None and (
+            since is None or day >= since) and (until is None or day <= until)
+
+    return _run_batches(config, sites, wanted, force=True)
 
 
 @flow(name="nightly-from-file")

@@ -139,3 +139,12 @@ def test_nightly_from_file_is_the_deployment_entry_point(prefect_server, corpus,
     [summary] = nightly_from_file(str(config))
     assert summary["status"] == "published" and summary["files_in"] == len(flat["files"])
     assert (tmp_path / "release" / "batches" / flat_id / summary["batch_id"] / "COMPLETE").exists()
+
+
+def test_backfill_needs_batches_or_a_window(tmp_path):
+    cfg = write(tmp_path / "c.yaml", "release: r\nwork_dir: w\nsites:\n  - site_id: a\n"
+                "    source: {kind: folder, path: src}\n")
+    result = runner.invoke(app, ["backfill", str(cfg)])
+    assert result.exit_code == 2 and "--batch" in result.output
+    bad = runner.invoke(app, ["backfill", str(cfg), "--since", "May 2020"])
+    assert bad.exit_code == 2 and "YYYY-MM-DD" in bad.output

@@ -275,3 +275,21 @@ def test_pseudonyms_and_bytes_are_stable_across_fresh_runs(published, make_confi
     with duckdb.connect(str(base / "release/catalog.duckdb"), read_only=True) as a, \
             duckdb.connect(str(again / "release/catalog.duckdb"), read_only=True) as b:
         assert a.sql(query).fetchall() == b.sql(query).fetchall()
+
+
+def test_backfill_by_date_window_reruns_only_those_batches(published):
+    from datetime import date
+
+    from flows.nightly import backfill
+
+    config, base, _ = published
+    before = file_state(base / "release")
+    result = backfill(config, since=date(2020, 5, 20), until=date(2020, 5, 31))
+    assert [(s["site_id"], s["batch_id"]) for s in result] == [("site-a", "CXR-UPDATE-20200523")]
+    assert result[0]["files_written"] == 0 and result[0]["status"] == "published"
+    after = file_state(base / "release")
+    [added] = [k for k in after if k not in before]  # one new run record, nothing rewritten
+    assert added.startswith("catalog/runs/site_id=site-a/batch_id=CXR-UPDATE-20200523/")
+    assert {k: v for k, v in after.items() if k in before} == before
+    by_name = backfill(config, batches=["CT-UPDATE-20200519"])
+    assert [s["batch_id"] for s in by_name] == ["CT-UPDATE-20200519"]
