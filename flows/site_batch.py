@@ -30,6 +30,7 @@ from tasks import publish as publishing
 from tasks.contact_sheet import contact_sheet
 from tasks.deidentify import (
     DeidContext,
+    DeidentifiedClinical,
     deidentify_batch,
     deidentify_clinical,
     load_remap,
@@ -57,12 +58,12 @@ def deidentify_step(index: pa.Table, ctx: DeidContext, identifiers_path: str,
 
 
 @step(name="deidentify_clinical")
-def deidentify_clinical_step(config: RadrepoConfig, site_id: str, keys, remap):
+def deidentify_clinical_step(config: RadrepoConfig, site_id: str, keys,
+                             remap) -> DeidentifiedClinical:
     site = config.site(site_id)
     if site.clinical is None:
-        return DEIDENTIFIED_CLINICAL.empty_table(), CLINICAL.empty_table()
-    result = deidentify_clinical(site.clinical.path, site.clinical, keys, site_id, remap)
-    return result.patients, result.measurements
+        return DeidentifiedClinical(DEIDENTIFIED_CLINICAL.empty_table(), CLINICAL.empty_table())
+    return deidentify_clinical(site.clinical.path, site.clinical, keys, site_id, remap)
 
 
 @step(name="qc")
@@ -179,7 +180,8 @@ def site_batch(config: RadrepoConfig, site_id: str, batch_id: str, force: bool =
     identifiers_path = str(Path(config.work_dir) / site_id / "index"
                            / f"{batch_id}.identifiers.parquet")
     deidentified = deidentify_step(ingested.index, ctx, identifiers_path, scheduler, config)
-    clinical_patients, measurements = deidentify_clinical_step(config, site_id, keys, remap)
+    emr = deidentify_clinical_step(config, site_id, keys, remap)
+    clinical_patients, measurements = emr.patients, emr.measurements
 
     qc_result = qc_step(deidentified, config.qc_params(site_id))
     joined = clinical_join_step(deidentified, clinical_patients, config.inclusion_windows)
@@ -202,7 +204,9 @@ def site_batch(config: RadrepoConfig, site_id: str, batch_id: str, force: bool =
         duplicates=dups.rows, known_patients=known,
     )
     profile = load_profile(tuple(config.deid.options)).method_description
-    counts = {**assembled.counts, "skipped_already_ingested": batch.already_ingested}
+    counts = {**assembled.counts, "skipped_already_ingested": batch.already_ingested,
+              "clinical_rows_read": emr.rows_read,
+              "clinical_rows_skipped": dict(sorted(emr.rows_skipped.items()))}
     run = _run_table(run_id, profile, started, counts)
     reports = contact_sheet_step(site_id, batch_id, assembled, deidentified)
     verify_step(identifiers_path, assembled, run, reports, batch_id)

@@ -143,6 +143,8 @@ def test_catalog_is_queryable_and_consistent(published, corpus):
         counts = [json.loads(c) for (c,) in con.sql(
             "select counts from runs where site_id = ?", params=[site_id]).fetchall()]
         assert min(c["clinical_rows_without_images"] for c in counts) >= len(lonely) > 0
+        assert all(c["clinical_rows_read"] == sum(p["has_clinical"] for p in site["patients"])
+                   and c["clinical_rows_skipped"] == {} for c in counts)
         for mrn in lonely:
             pseudonym = PseudonymKeys(TEST_SECRET.encode()).patient_id(site_id, mrn)
             assert con.sql("select count(*) from patients where patient_id = ?",
