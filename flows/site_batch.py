@@ -180,6 +180,10 @@ def site_batch(config: RadrepoConfig, site_id: str, batch_id: str, force: bool =
     identifiers_path = str(Path(config.work_dir) / site_id / "index"
                            / f"{batch_id}.identifiers.parquet")
     deidentified = deidentify_step(ingested.index, ctx, identifiers_path, scheduler, config)
+    ingest.quarantine_later(
+        ingested.index, [(r["object_id"], r["reason"]) for r in deidentified.select(
+            ["object_id", "status", "reason"]).to_pylist() if r["status"] == QUARANTINED],
+        "deidentify", config.work_dir, site_id, batch_id)
     emr = deidentify_clinical_step(config, site_id, keys, remap)
     clinical_patients, measurements = emr.patients, emr.measurements
 

@@ -399,3 +399,26 @@ def detect_source_kind(url: str, storage_options: dict | None = None) -> str:
         raise FileNotFoundError(f"source folder does not exist: {url}")
     names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False) if fs.isdir(p)]
     return "zip_batches" if any(BATCH_FOLDER.match(n) for n in names) else "folder"
+
+
+def quarantine_later(index: pa.Table, quarantined: list[tuple[str, str]], stage: str,
+                     work_dir: str, site_id: str, batch_id: str) -> None:
+    """Keep objects a later step refused (``(object_id, reason)``) in the batch's quarantine,
+    beside those ingest refused, so each can be looked at after its staging is cleared."""
+    if not quarantined:
+        return
+    rows = {r["object_id"]: r for r in index.select(["object_id", "key", "staged_path"])
+            .to_pylist()}
+    folder = site_work_dir(work_dir, site_id) / "quarantine" / batch_id
+    folder.mkdir(parents=True, exist_ok=True)
+    listing = folder / "quarantine.parquet"
+    records = pq.read_table(listing).to_pylist() if listing.exists() else []
+    done = {(r["object_id"], r["stage"]) for r in records}
+    for object_id, reason in quarantined:
+        source = rows[object_id]
+        if source["staged_path"] and os.path.exists(source["staged_path"]):
+            shutil.copyfile(source["staged_path"], folder / object_id)
+        if (object_id, stage) not in done:
+            records.append({"object_id": object_id, "key": source["key"], "stage": stage,
+                            "reason": reason})
+    pq.write_table(pa.Table.from_pylist(records, schema=QUARANTINE), listing)

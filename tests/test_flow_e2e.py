@@ -223,6 +223,19 @@ def text_values(ds: pydicom.Dataset):
             yield elem.keyword or str(elem.tag), str(v)
 
 
+def test_quarantined_objects_are_kept_in_the_private_zone(published, corpus):
+    _, truth = corpus
+    config, base, summaries = published
+    for s in summaries:
+        listing = base / "work" / s["site_id"] / "quarantine" / s["batch_id"] / "quarantine.parquet"
+        rows = pq.read_table(listing).to_pylist() if listing.exists() else []
+        assert len(rows) == s["quarantined"]
+        assert sorted(r["reason"] for r in rows) == sorted(
+            r for r, n in s["quarantined_by_reason"].items() for _ in range(n))
+        for r in rows:  # the synthetic defects all leave bytes to keep
+            assert (listing.parent / r["object_id"]).exists(), r["reason"]
+
+
 def test_no_planted_identifier_reaches_the_release(published, corpus):
     corpus_dir, truth = corpus
     _, base, _ = published

@@ -185,3 +185,20 @@ def test_folder_discovery_counts_what_it_skips(tmp_path):
     assert second.already_ingested == 1 and len(second.objects) == 1
     ingest.save_pending(second, work)
     assert ingest.load_pending(work, "s1", second.batch_id) == second
+
+
+def test_objects_refused_later_join_the_quarantine(tmp_path):
+    src, work = tmp_path / "src", str(tmp_path / "work")
+    src.mkdir()
+    identified_ct(src / "a.dcm", sop="1.2.9.1")
+    (src / "b.txt").write_text("not an image")
+    [batch] = ingest.discover_batches(site("flat", src), work, set())
+    index = ingest.ingest_batch(batch, site("flat", src).source, work).index
+    ok_id = index.to_pylist()[0]["object_id"]
+    ingest.quarantine_later(index, [(ok_id, "no Patient ID")], "deidentify", work, "s1",
+                            batch.batch_id)
+    folder = tmp_path / "work" / "s1" / "quarantine" / batch.batch_id
+    rows = pq.read_table(folder / "quarantine.parquet").to_pylist()
+    assert [(r["key"], r["stage"], r["reason"]) for r in rows] == [
+        ("b.txt", "ingest", "not DICOM"), ("a.dcm", "deidentify", "no Patient ID")]
+    assert (folder / ok_id).read_bytes() == (src / "a.dcm").read_bytes()
