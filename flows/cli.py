@@ -89,6 +89,18 @@ def print_summaries(summaries: list[dict],
                               highlight=False, markup=False)
 
 
+def _data_errors() -> tuple[type[Exception], ...]:
+    """Problems in a site's data that stop a batch; their messages quote no identifier."""
+    from flows.site_batch import BatchNotFound
+    from tasks.catalog import AccountingError
+    from tasks.deidentify.clinical import ClinicalError
+    from tasks.deidentify.remap import RemapError
+    from tasks.deidentify.tabular import TabularError
+    from tasks.verify import LeakFound
+
+    return (BatchNotFound, AccountingError, ClinicalError, RemapError, TabularError, LeakFound)
+
+
 def _run_nightly(config: RadrepoConfig, sites: list[str] | None, batches: list[str] | None,
                  force: bool) -> list[dict]:
     from flows.nightly import nightly
@@ -145,6 +157,8 @@ def run(
         summaries = _run_nightly(cfg, site, batch, force)
     except (ConfigError, SecretError) as err:
         _fail(str(err), 2)
+    except _data_errors() as err:
+        _fail(str(err), 1)
     print_summaries(summaries)
 
 
@@ -176,6 +190,8 @@ def backfill(
         summaries = backfill_flow(cfg, sites=site, batches=batch, since=days[0], until=days[1])
     except (ConfigError, SecretError) as err:
         _fail(str(err), 2)
+    except _data_errors() as err:
+        _fail(str(err), 1)
     print_summaries(summaries, empty="nothing to do: no batch matches")
 
 

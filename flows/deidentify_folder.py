@@ -52,10 +52,7 @@ def deidentify_folder(in_dir: Path, out_dir: Path, site_id: str, options: tuple[
         placed = [(r["output_path"], f"{r['patient_id']}/{r['study_uid']}/{r['series_uid']}/"
                    f"{r['sop_uid']}.dcm") for r in done]
         matcher = verify.read_identifiers([Path(identifiers)])
-        findings = verify.scan_names([rel for _, rel in placed], matcher)
-        for path, rel in placed:
-            findings += verify.scan_dicom_file(path, rel, matcher)
-        verify.raise_if_found(findings)
+        verify.raise_if_found(verify.scan_outputs(placed, matcher))
         targets = dict((rel, path) for path, rel in placed)  # same SOP UID: one file
         for rel, path in targets.items():
             target = out_dir / rel

@@ -8,14 +8,12 @@ header value, because Prefect stores parameters on its server.
 from __future__ import annotations
 
 import json
-from collections import Counter
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
@@ -24,7 +22,7 @@ from flows.cluster import dask_client
 from flows.secret import keys_from_env
 from schemas.catalog import CLINICAL, RUNS
 from schemas.config import RadrepoConfig, SourceConfig
-from schemas.pipeline import DEIDENTIFIED_CLINICAL, QUARANTINED
+from schemas.pipeline import DEIDENTIFIED_CLINICAL
 from tasks import catalog, clinical, dedupe, ingest, qc, verify
 from tasks import publish as publishing
 from tasks.contact_sheet import contact_sheet
@@ -110,9 +108,7 @@ def verify_step(identifiers_path: str, assembled: catalog.CatalogBatch, run: pa.
         findings += verify.scan_names([relative], matcher)
         if relative.endswith(".html"):
             findings += verify.scan_text(relative, data.decode().splitlines(), matcher)
-    for staged, relative in assembled.files:
-        findings += verify.scan_dicom_file(staged, relative, matcher)
-    findings += verify.scan_names([rel for _, rel in assembled.files], matcher)
+    findings += verify.scan_outputs(assembled.files, matcher)
     for name, table in {**assembled.tables, "runs": run}.items():
         findings += verify.scan_table(name, table, matcher)
     verify.raise_if_found(findings)
@@ -134,8 +130,7 @@ def publish_step(release: publishing.Release, site_id: str, batch_id: str,
     return result
 
 
-def find_batch(config: RadrepoConfig, site_id: str, batch_id: str,
-               release: publishing.Release) -> ingest.BatchRef:
+def find_batch(config: RadrepoConfig, site_id: str, batch_id: str) -> ingest.BatchRef:
     """The batch named ``batch_id``: as discovery left it, or found again in the source."""
     pending = ingest.load_pending(config.work_dir, site_id, batch_id)
     if pending is not None:
@@ -169,7 +164,7 @@ def site_batch(config: RadrepoConfig, site_id: str, batch_id: str, force: bool =
     started = datetime.now(UTC)
     keys = keys_from_env(config.secret_env)
     site = config.site(site_id)
-    batch = find_batch(config, site_id, batch_id, release)
+    batch = find_batch(config, site_id, batch_id)
     run_id = str(flow_run.id or f"local-{started:%Y%m%dT%H%M%S}")
 
     ingested = ingest_step(batch, site.source, config.work_dir)
@@ -180,10 +175,8 @@ def site_batch(config: RadrepoConfig, site_id: str, batch_id: str, force: bool =
     identifiers_path = str(Path(config.work_dir) / site_id / "index"
                            / f"{batch_id}.identifiers.parquet")
     deidentified = deidentify_step(ingested.index, ctx, identifiers_path, scheduler, config)
-    ingest.quarantine_later(
-        ingested.index, [(r["object_id"], r["reason"]) for r in deidentified.select(
-            ["object_id", "status", "reason"]).to_pylist() if r["status"] == QUARANTINED],
-        "deidentify", config.work_dir, site_id, batch_id)
+    ingest.quarantine_later(ingested.index, deidentified, "deidentify", config.work_dir,
+                            site_id, batch_id)
     emr = deidentify_clinical_step(config, site_id, keys, remap)
     clinical_patients, measurements = emr.patients, emr.measurements
 
@@ -197,12 +190,9 @@ def site_batch(config: RadrepoConfig, site_id: str, batch_id: str, force: bool =
     decided = catalog.dispositions(deidentified, qc_result.excluded, window, dups.excluded)
     known = {r["patient_id"] for r in publishing.read_published(
         release, "patients", site_id, batch_id, ["patient_id"]).to_pylist()}
-    index = ingested.index
-    ingest_quarantined = Counter(
-        index.filter(pc.equal(index["status"], QUARANTINED))["reason"].to_pylist())
     assembled = catalog.assemble_catalog(
-        site_id=site_id, siteid=keys.siteid(site_id), files_in=index.num_rows,
-        ingest_quarantined=ingest_quarantined, deidentified=deidentified, decided=decided,
+        site_id=site_id, siteid=keys.siteid(site_id), index=ingested.index,
+        deidentified=deidentified, decided=decided,
         links=joined.links, clinical_patients=clinical_patients, measurements=measurements,
         qc_outcomes=pa.concat_tables([qc_result.outcomes, joined.outcomes]),
         duplicates=dups.rows, known_patients=known,

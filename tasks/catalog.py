@@ -74,8 +74,7 @@ def assemble_catalog(
     *,
     site_id: str,
     siteid: str,
-    files_in: int,
-    ingest_quarantined: Counter,
+    index: pa.Table,
     deidentified: pa.Table,
     decided: dict[int, tuple[str, str | None]],
     links: pa.Table,
@@ -85,7 +84,14 @@ def assemble_catalog(
     duplicates: pa.Table,
     known_patients: set[str],
 ) -> CatalogBatch:
-    """Build every catalog table of the batch and check that the file counts add up."""
+    """Build every catalog table of the batch and check that the file counts add up.
+
+    ``index`` is the batch's source index: every object that came in, quarantined or not.
+    """
+    files_in = index.num_rows
+    ingest_quarantined = Counter(
+        r["reason"] for r in index.select(["status", "reason"]).to_pylist()
+        if r["status"] == QUARANTINED)
     rows = [r for r in deidentified.to_pylist() if decided[r["seq"]][0] != QUARANTINED]
     reason_of = {r["seq"]: decided[r["seq"]][1] for r in rows}
     published = [r for r in rows if decided[r["seq"]][0] == PUBLISHED]

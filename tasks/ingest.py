@@ -401,10 +401,14 @@ def detect_source_kind(url: str, storage_options: dict | None = None) -> str:
     return "zip_batches" if any(BATCH_FOLDER.match(n) for n in names) else "folder"
 
 
-def quarantine_later(index: pa.Table, quarantined: list[tuple[str, str]], stage: str,
-                     work_dir: str, site_id: str, batch_id: str) -> None:
-    """Keep objects a later step refused (``(object_id, reason)``) in the batch's quarantine,
-    beside those ingest refused, so each can be looked at after its staging is cleared."""
+def quarantine_later(index: pa.Table, refused: pa.Table, stage: str, work_dir: str,
+                     site_id: str, batch_id: str) -> None:
+    """Keep the objects a later step refused (rows of ``refused`` whose status is quarantined)
+    in the batch's quarantine, beside those ingest refused, so each can be looked at after
+    its staging is cleared."""
+    quarantined = [(r["object_id"], r["reason"])
+                   for r in refused.select(["object_id", "status", "reason"]).to_pylist()
+                   if r["status"] == QUARANTINED]
     if not quarantined:
         return
     rows = {r["object_id"]: r for r in index.select(["object_id", "key", "staged_path"])

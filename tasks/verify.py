@@ -138,6 +138,16 @@ def scan_dicom_file(path: str, shown_as: str, matcher: IdentifierMatcher) -> lis
     return [Finding(shown_as, element, "identifying value") for element in locate(path, matcher)]
 
 
+def scan_outputs(files: Iterable[tuple[str, str]], matcher: IdentifierMatcher) -> list[Finding]:
+    """Findings in de-identified files about to be published: ``(path on disk, path shown)``
+    pairs, their headers and the names they will be published under."""
+    findings: list[Finding] = []
+    for path, shown_as in files:
+        findings += scan_names([shown_as], matcher)
+        findings += scan_dicom_file(path, shown_as, matcher)
+    return findings
+
+
 def scan_names(names: Iterable[str], matcher: IdentifierMatcher) -> list[Finding]:
     return [Finding(n, "file name", "identifying value") for n in names if matcher.in_text(n)]
 

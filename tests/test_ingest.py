@@ -6,6 +6,7 @@ import os
 import zipfile
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pydicom
 
@@ -195,8 +196,9 @@ def test_objects_refused_later_join_the_quarantine(tmp_path):
     [batch] = ingest.discover_batches(site("flat", src), work, set())
     index = ingest.ingest_batch(batch, site("flat", src).source, work).index
     ok_id = index.to_pylist()[0]["object_id"]
-    ingest.quarantine_later(index, [(ok_id, "no Patient ID")], "deidentify", work, "s1",
-                            batch.batch_id)
+    refused = pa.table({"object_id": [ok_id], "status": ["quarantined"],
+                        "reason": ["no Patient ID"]})
+    ingest.quarantine_later(index, refused, "deidentify", work, "s1", batch.batch_id)
     folder = tmp_path / "work" / "s1" / "quarantine" / batch.batch_id
     rows = pq.read_table(folder / "quarantine.parquet").to_pylist()
     assert [(r["key"], r["stage"], r["reason"]) for r in rows] == [

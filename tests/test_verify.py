@@ -111,3 +111,15 @@ def test_verify_command_on_a_release(prefect_server, tmp_path):
     result = runner.invoke(app, ["verify", str(broken), "--work", str(work)])
     assert result.exit_code == 1 and "StudyDescription: identifying value" in result.output
     assert "JANE" not in result.output
+
+
+def test_run_command_reports_a_leak_in_one_line_without_the_value(prefect_server, tmp_path):
+    cross_patient_site(tmp_path / "src")
+    result = runner.invoke(app, ["run", "--source", f"s1={tmp_path / 'src'}",
+                                 "--release", str(tmp_path / "release"),
+                                 "--work", str(tmp_path / "work")])
+    assert result.exit_code == 1, result.output
+    assert "ManufacturerModelName" in result.output and "ROE" not in result.output
+    # Prefect logs the failed task; radrepo's own word is one clear line
+    assert any(line.startswith("radrepo: verification gate")
+               for line in result.output.splitlines())

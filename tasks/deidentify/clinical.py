@@ -14,6 +14,7 @@ import pyarrow as pa
 from schemas.catalog import CLINICAL
 from schemas.config import ClinicalConfig
 from schemas.pipeline import DEIDENTIFIED_CLINICAL
+from tasks.deidentify.dataset import age_in_years
 from tasks.deidentify.keys import PseudonymKeys, normalize_patient_id
 from tasks.deidentify.remap import current_id
 from tasks.deidentify.tabular import read_rows
@@ -44,17 +45,10 @@ def _parse_date(text: str) -> date | None:
     return None
 
 
-def _age(birth: date | None, at: date | None) -> int | None:
-    if not birth or not at:
-        return None
-    years = at.year - birth.year - ((at.month, at.day) < (birth.month, birth.day))
-    return min(years, 90) if years >= 0 else None
-
-
 def _age_at_index(row: dict, cfg: ClinicalConfig, index_day: date) -> int | None:
     """From the birth date when the export has one, else from its age column; 90 above 89."""
     if cfg.birth_date and row.get(cfg.birth_date):
-        return _age(_parse_date(row[cfg.birth_date]), index_day)
+        return age_in_years(_parse_date(row[cfg.birth_date]), index_day)
     age = _float(row.get(cfg.age)) if cfg.age else None
     return min(int(age), 90) if age is not None and age >= 0 else None
 

@@ -97,6 +97,14 @@ class PatientContext:
             value.lower()) is not None
 
 
+def age_in_years(birth: date | None, at: date | None) -> int | None:
+    """Completed years between two dates; above 89 reported as 90 (HIPAA), None if unknown."""
+    if not birth or not at:
+        return None
+    years = at.year - birth.year - ((at.month, at.day) < (birth.month, birth.day))
+    return min(years, 90) if years >= 0 else None
+
+
 def shift_da(value: str, offset_days: int) -> str:
     """Shift a DA value; an unparseable one becomes empty rather than pass through."""
     value = value.strip()

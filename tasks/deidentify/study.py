@@ -18,7 +18,7 @@ from pydicom.filewriter import dcmwrite
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from schemas.pipeline import OK, QUARANTINED
-from tasks.deidentify.dataset import PatientContext
+from tasks.deidentify.dataset import PatientContext, age_in_years
 from tasks.deidentify.keys import PseudonymKeys, normalize_patient_id
 from tasks.deidentify.profile import load_profile
 from tasks.deidentify.remap import current_id
@@ -109,15 +109,8 @@ def _quarantined(f: SourceFile, reason: str) -> dict:
 
 def _patient_age(birth: str | None, when: str | None) -> str | None:
     """Patient's Age (AS) at ``when`` from the birth date; ages above 89 become 090Y."""
-    try:
-        b = datetime.strptime((birth or "")[:8], "%Y%m%d").date()
-        s = datetime.strptime((when or "")[:8], "%Y%m%d").date()
-    except ValueError:
-        return None
-    years = s.year - b.year - ((s.month, s.day) < (b.month, b.day))
-    if years < 0:
-        return None
-    return f"{min(years, 90):03d}Y"
+    years = age_in_years(_as_date(birth), _as_date(when))
+    return None if years is None else f"{years:03d}Y"
 
 
 def explicit_little_endian(source: bytes) -> tuple[memoryview, int, UID]:
