@@ -90,15 +90,18 @@ def print_summaries(summaries: list[dict],
 
 
 def _data_errors() -> tuple[type[Exception], ...]:
-    """Problems in a site's data that stop a batch; their messages quote no identifier."""
+    """Problems in a site's data or source that stop a run; their messages quote no
+    identifier."""
     from flows.site_batch import BatchNotFound
     from tasks.catalog import AccountingError
     from tasks.deidentify.clinical import ClinicalError
     from tasks.deidentify.remap import RemapError
     from tasks.deidentify.tabular import TabularError
+    from tasks.pacs import PacsUnavailable
     from tasks.verify import LeakFound
 
-    return (BatchNotFound, AccountingError, ClinicalError, RemapError, TabularError, LeakFound)
+    return (BatchNotFound, AccountingError, ClinicalError, RemapError, TabularError, LeakFound,
+            PacsUnavailable)
 
 
 def _run_nightly(config: RadrepoConfig, sites: list[str] | None, batches: list[str] | None,

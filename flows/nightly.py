@@ -20,8 +20,12 @@ from tasks.publish import Release
 
 
 def _run_batches(config: RadrepoConfig, sites: list[str] | None,
-                 wanted: Callable[[str], bool], force: bool) -> list[dict[str, Any]]:
-    """Discover each chosen site's batches, keep the wanted ones, run ``site_batch`` on each."""
+                 wanted: Callable[[str], bool], force: bool,
+                 window: tuple[date | None, date | None] | None = None) -> list[dict[str, Any]]:
+    """Discover each chosen site's batches, keep the wanted ones, run ``site_batch`` on each.
+
+    A PACS site is asked for the studies in ``window`` when one is given, and all it
+    returns is wanted."""
     logger = get_run_logger()
     keys_from_env(config.secret_env)
     release = Release(config.release)
@@ -30,8 +34,8 @@ def _run_batches(config: RadrepoConfig, sites: list[str] | None,
     for site in chosen:
         published = set() if force else {b for s, b in release.complete_batches()
                                          if s == site.site_id}
-        for batch in ingest.discover_batches(site, config.work_dir, published):
-            if wanted(batch.batch_id):
+        for batch in ingest.discover_batches(site, config.work_dir, published, window):
+            if wanted(batch.batch_id) or (batch.pacs and window is not None):
                 ingest.save_pending(batch, config.work_dir)
                 plan.append((site.site_id, batch.batch_id))
     logger.info("%d batch(es) to run across %d site(s)", len(plan), len(chosen))
@@ -68,7 +72,8 @@ def backfill(config: RadrepoConfig, sites: list[str] | None = None,
     """Run the named batches, or those whose date lies in ``since..until``, again on purpose.
 
     Published batches are redone; identical output is not rewritten and each run adds a run
-    record. Batches whose id carries no date are only taken by name.
+    record. File batches whose id carries no date are only taken by name; PACS sites are
+    asked again for the studies dated in the window.
     """
     if not batches and since is None and until is None:
         raise ValueError("backfill needs batch ids or a date window (since/until)")
@@ -80,7 +85,8 @@ def backfill(config: RadrepoConfig, sites: list[str] | None = None,
         return (since is not None or until is not None) and day is not None and (
             since is None or day >= since) and (until is None or day <= until)
 
-    return _run_batches(config, sites, wanted, force=True)
+    window = (since, until) if since is not None or until is not None else None
+    return _run_batches(config, sites, wanted, force=True, window=window)
 
 
 @flow(name="nightly-from-file")

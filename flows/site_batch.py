@@ -206,7 +206,7 @@ def site_batch(config: RadrepoConfig, site_id: str, batch_id: str, force: bool =
     verify_step(identifiers_path, assembled, run, reports, batch_id)
     result = publish_step(release, site_id, batch_id, assembled, deidentified, run, run_id,
                           config.work_dir, reports)
-    ingest.record_ingested(batch, config.work_dir)
+    ingest.record_ingested(batch, ingested.index, config.work_dir)
     ingest.forget_pending(config.work_dir, site_id, batch_id)
     ingest.clear_staging(config.work_dir, site_id, batch_id)
     logger.info("site %s batch %s: %d files in, %d published, %d excluded, %d quarantined",

@@ -7,8 +7,9 @@ part of the configuration: only the name of the environment variable that holds 
 from __future__ import annotations
 
 import re
+from datetime import date
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -24,12 +25,60 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class SourceConfig(Strict):
+class FileSourceConfig(Strict):
+    """Files on any fsspec URL: tip-sheet zip batches, a folder tree, or a flat folder."""
+
     kind: Literal["zip_batches", "folder", "flat"]
     path: str
     # fsspec options for the path's filesystem, e.g. an S3 endpoint:
     # {client_kwargs: {endpoint_url: http://127.0.0.1:9000}}; credentials stay in the environment
     storage_options: dict[str, Any] = Field(default_factory=dict)
+
+
+class StudyQuery(Strict):
+    """Which studies a PACS source takes; the PACS is asked once per accession number and
+    modality given, each time within the study date window."""
+
+    since: date | None = None
+    until: date | None = None
+    modalities: tuple[str, ...] = ()
+    accession_list: str | None = None  # a text file, one accession number per line
+
+
+class PacsSourceConfig(Strict):
+    query: StudyQuery = StudyQuery()
+    retries: int = Field(default=3, ge=0)  # further attempts after a failed retrieve
+    backoff_seconds: float = Field(default=2.0, ge=0)  # doubled after each failed attempt
+    timeout_seconds: float = Field(default=60.0, gt=0)
+
+
+class DimseSourceConfig(PacsSourceConfig):
+    """A PACS reached by C-FIND and C-MOVE to radrepo's own storage SCP."""
+
+    kind: Literal["dimse"]
+    host: str
+    port: int = Field(ge=1, le=65535)
+    called_ae: str = Field(min_length=1, max_length=16)
+    calling_ae: str = Field(default="RADREPO", min_length=1, max_length=16)
+    # where radrepo's storage SCP listens for the PACS's C-STORE; the PACS must know
+    # calling_ae at this address as a C-MOVE destination
+    storage_host: str = "127.0.0.1"
+    storage_port: int = Field(ge=1, le=65535)
+
+
+class DicomWebSourceConfig(PacsSourceConfig):
+    """A PACS reached by QIDO-RS search and WADO-RS retrieve."""
+
+    kind: Literal["dicomweb"]
+    url: str  # the DICOMweb root, e.g. http://pacs:8042/dicom-web
+    username: str | None = None
+    password_env: str | None = None  # the environment variable holding the password
+
+
+SourceConfig = Annotated[
+    FileSourceConfig | DimseSourceConfig | DicomWebSourceConfig, Field(discriminator="kind")
+]
+PACS_KINDS = ("dimse", "dicomweb")
 
 
 class Measurement(Strict):
@@ -168,6 +217,11 @@ def _resolve_paths(raw: dict, base: Path) -> dict:
         for block in ("source", "clinical"):
             if isinstance(site.get(block), dict) and isinstance(site[block].get("path"), str):
                 site[block] = {**site[block], "path": _resolve(site[block]["path"], base)}
+        source = site.get("source")
+        query = source.get("query") if isinstance(source, dict) else None
+        if isinstance(query, dict) and isinstance(query.get("accession_list"), str):
+            query = {**query, "accession_list": _resolve(query["accession_list"], base)}
+            site["source"] = {**source, "query": query}
         if isinstance(site.get("id_remap"), str):
             site["id_remap"] = _resolve(site["id_remap"], base)
         sites.append(site)

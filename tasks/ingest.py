@@ -1,8 +1,10 @@
 """Ingest: find a site's new batches, list every object in one, and index it in the private zone.
 
-Sources are fsspec URLs (local folders by default). Zip archives are read member by member and
-staged under the work folder by an opaque object id, never by their (identifying) names. Every
-object ends up in the source index as ``ok`` or ``quarantined`` with one clear reason.
+File sources are fsspec URLs (local folders by default). Zip archives are read member by member
+and staged under the work folder by an opaque object id, never by their (identifying) names.
+PACS sources (DIMSE, DICOMweb) are asked for studies, and each new study is retrieved whole
+into the staging folder. Every object ends up in the source index as ``ok`` or
+``quarantined`` with one clear reason.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import os
 import re
 import shutil
 import zipfile
+from collections import Counter
 from dataclasses import asdict, dataclass
+from datetime import date
 from pathlib import Path
 
 import fsspec
@@ -23,8 +27,9 @@ from fsspec.implementations.local import LocalFileSystem
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
-from schemas.config import SiteConfig, SourceConfig
+from schemas.config import PACS_KINDS, SiteConfig, SourceConfig
 from schemas.pipeline import LEDGER, OK, QUARANTINE, QUARANTINED, SOURCE_INDEX
+from tasks import pacs
 
 BATCH_FOLDER = re.compile(r"^(?P<batch>.+?)-(?P<state>COMPLETE|IN-PROGRESS)$")
 ZIP_NAME = re.compile(
@@ -42,6 +47,7 @@ HEADER_TAGS = [
     "StudyDate",
 ]
 CHUNK = 1 << 20
+_LOCAL = LocalFileSystem()
 MAX_MEMBER_BYTES = 4 << 30
 MAX_COMPRESSION_RATIO = 200
 
@@ -65,6 +71,7 @@ class BatchRef:
     root: str
     objects: tuple[SourceObject, ...]
     already_ingested: int = 0
+    pacs: bool = False  # objects are studies (key: Study Instance UID, size: instance count)
 
 
 @dataclass(frozen=True)
@@ -86,12 +93,16 @@ def _list_files(fs, root: str) -> dict[str, dict]:
     return {p[len(root) + 1 :]: info for p, info in sorted(found.items()) if p != root}
 
 
-def discover_batches(site: SiteConfig, work_dir: str, published: set[str]) -> list[BatchRef]:
+def discover_batches(site: SiteConfig, work_dir: str, published: set[str],
+                     window: tuple[date | None, date | None] | None = None) -> list[BatchRef]:
     """The site's batches not yet published, by name (IN-PROGRESS folders wait).
 
     ``published`` holds the site's complete batch ids: the ledger only vouches for objects
-    of those, so a release rebuilt from scratch picks every object up again.
+    of those, so a release rebuilt from scratch picks every object up again. ``window``
+    replaces a PACS source's study date window (a backfill's); file sources ignore it.
     """
+    if site.source.kind in PACS_KINDS:
+        return _discover_studies(site, work_dir, published, window)
     fs, root = fsspec.core.url_to_fs(site.source.path, **site.source.storage_options)
     files = _list_files(fs, root)
     if site.source.kind == "zip_batches":
@@ -118,8 +129,7 @@ def discover_batches(site: SiteConfig, work_dir: str, published: set[str]) -> li
             for b, objs in sorted(by_batch.items())
             if b not in published
         ]
-    ledger = read_ledger(work_dir, site.site_id)
-    known = {row["key"]: row for row in ledger.to_pylist() if row["batch_id"] in published}
+    known = {row["key"]: row for row in _ledger_rows(work_dir, site.site_id, published)}
     new: list[SourceObject] = []
     fingerprint = hashlib.sha256()
     skipped = 0
@@ -134,12 +144,56 @@ def discover_batches(site: SiteConfig, work_dir: str, published: set[str]) -> li
             continue
         new.append(SourceObject(key, info["size"], _mtime_ns(info), digest))
         fingerprint.update(f"{key}\t{digest}\n".encode())
+    return _new_batch(site, root, new, fingerprint, skipped, published)
+
+
+def _new_batch(site: SiteConfig, root: str, new: list[SourceObject], fingerprint,
+               skipped: int, published: set[str]) -> list[BatchRef]:
+    """One batch of the new objects, named by what they are (so discovery is repeatable)."""
     if not new:
         return []
     batch_id = f"{site.source.kind}-{fingerprint.hexdigest()[:12]}"
     if batch_id in published:
         return []
-    return [BatchRef(site.site_id, batch_id, root, tuple(new), already_ingested=skipped)]
+    return [BatchRef(site.site_id, batch_id, root, tuple(new), already_ingested=skipped,
+                     pacs=site.source.kind in PACS_KINDS)]
+
+
+def _ledger_rows(work_dir: str, site_id: str, published: set[str]) -> list[dict]:
+    return [row for row in read_ledger(work_dir, site_id).to_pylist()
+            if row["batch_id"] in published]
+
+
+def _discover_studies(site: SiteConfig, work_dir: str, published: set[str],
+                      window: tuple[date | None, date | None] | None) -> list[BatchRef]:
+    """The PACS's matching studies that were never received whole, or whose instance count
+    changed since; the ledger keys received objects by study UID and SOP Instance UID."""
+    source = site.source
+    plan = pacs.query_plan(source.query, window)
+    with pacs.open_client(source) as client:
+        studies = pacs.with_retries(lambda: client.find_studies(plan), source,
+                                    pacs.PacsUnavailable)
+    received = Counter(row["key"].split("/", 1)[0]
+                       for row in _ledger_rows(work_dir, site.site_id, published))
+    new: list[SourceObject] = []
+    fingerprint = hashlib.sha256()
+    skipped = 0
+    for study in studies:
+        if study.instances is not None and received.get(study.study_uid) == study.instances:
+            skipped += study.instances
+            continue
+        # size carries the reported instance count (-1: not reported)
+        count = study.instances if study.instances is not None else -1
+        new.append(SourceObject(study.study_uid, count, 0))
+        fingerprint.update(f"{study.study_uid}\t{study.instances}\n".encode())
+    return _new_batch(site, pacs_location(source), new, fingerprint, skipped, published)
+
+
+def pacs_location(source) -> str:
+    """Where a PACS source lives, as a URL (for the batch record; no credentials)."""
+    if source.kind == "dimse":
+        return f"dimse://{source.called_ae}@{source.host}:{source.port}"
+    return source.url
 
 
 def _mtime_ns(info: dict) -> int:
@@ -175,7 +229,7 @@ class _Objects:
         self.rows.append(row)
         return row
 
-    def quarantine(self, key: str, reason: str, data_path: str | None = None, **fields) -> None:
+    def quarantine(self, key: str, reason: str, data_path: str | None = None, **fields) -> dict:
         row = self.add(key, status=QUARANTINED, reason=reason, **fields)
         if data_path and os.path.exists(data_path):
             self.quarantine_dir.mkdir(parents=True, exist_ok=True)
@@ -185,6 +239,7 @@ class _Objects:
         self.quarantined.append(
             {"object_id": row["object_id"], "key": key, "stage": "ingest", "reason": reason}
         )
+        return row
 
 
 def _header(path: str) -> dict:
@@ -211,21 +266,19 @@ class _Unusable(Exception):
     pass
 
 
-def _index_staged(objects: _Objects, key: str, path: str, size: int, digest: str, extra: dict):
+def _index_staged(objects: _Objects, key: str, path: str, size: int, digest: str,
+                  extra: dict) -> dict:
     try:
         header = _header(path)
     except _Unusable as err:
-        objects.quarantine(key, str(err), path, size=size, sha256=digest, **extra)
-        return
+        return objects.quarantine(key, str(err), path, size=size, sha256=digest, **extra)
     except InvalidDicomError:
-        objects.quarantine(key, "not DICOM", path, size=size, sha256=digest, **extra)
-        return
+        return objects.quarantine(key, "not DICOM", path, size=size, sha256=digest, **extra)
     except Exception as err:  # noqa: BLE001 - any parse failure quarantines the object
         reason = f"unreadable DICOM header ({type(err).__name__})"
-        objects.quarantine(key, reason, path, size=size, sha256=digest, **extra)
-        return
-    objects.add(key, staged_path=path, size=size, sha256=digest, status=OK, reason=None,
-                **header, **extra)
+        return objects.quarantine(key, reason, path, size=size, sha256=digest, **extra)
+    return objects.add(key, staged_path=path, size=size, sha256=digest, status=OK, reason=None,
+                       **header, **extra)
 
 
 def _stream_to(src, dest: Path) -> tuple[int, str]:
@@ -313,19 +366,42 @@ def _ingest_file(objects: _Objects, fs, root: str, key: str, known_sha256: str |
     _index_staged(objects, key, staged, size, digest, {})
 
 
+def _ingest_studies(objects: _Objects, source, received: Path) -> None:
+    """Retrieve each study of the batch whole and index its files; a study that cannot be
+    retrieved whole is quarantined as one record. Studies a previous, interrupted run
+    received whole are taken from ``received`` without asking the PACS again."""
+    with pacs.open_client(source, receive=True) as client:
+        for obj in objects.batch.objects:
+            study = pacs.PacsStudy(obj.key, obj.size if obj.size >= 0 else None)
+            folder = received / hashlib.sha256(obj.key.encode()).hexdigest()[:16]
+            try:
+                files = pacs.retrieve_study(client, study, folder, source)
+            except pacs.RetrieveFailed as err:
+                objects.quarantine(obj.key, str(err))
+                continue
+            for path in files:
+                row = _index_staged(objects, f"{obj.key}/{path.name}", str(path),
+                                    path.stat().st_size, _hash_file(_LOCAL, str(path)), {})
+                if row["status"] == OK:  # known by study and SOP UID, as the ledger keeps it
+                    row["key"] = f"{obj.key}/{row['sop_uid']}"
+
+
 def ingest_batch(batch: BatchRef, source: SourceConfig, work_dir: str) -> IngestResult:
     """Index every object of a batch; write the index and quarantine list to the private zone.
 
     Objects on a remote filesystem (S3 and other fsspec URLs) are staged into the work folder
     as they are read, by opaque id; local files are read in place."""
-    fs, _ = fsspec.core.url_to_fs(source.path, **source.storage_options)
     work = site_work_dir(work_dir, batch.site_id)
     objects = _Objects(batch, work)
     if objects.staging.exists():
         shutil.rmtree(objects.staging)
     objects.staging.mkdir(parents=True)
-    for obj in batch.objects:
-        _ingest_file(objects, fs, batch.root, obj.key, obj.sha256)
+    if source.kind in PACS_KINDS:
+        _ingest_studies(objects, source, work / "staging" / batch.batch_id / "received")
+    else:
+        fs, _ = fsspec.core.url_to_fs(source.path, **source.storage_options)
+        for obj in batch.objects:
+            _ingest_file(objects, fs, batch.root, obj.key, obj.sha256)
     index = pa.Table.from_pylist(objects.rows, schema=SOURCE_INDEX)
     quarantine = pa.Table.from_pylist(objects.quarantined, schema=QUARANTINE)
     index_dir = work / "index"
@@ -342,14 +418,18 @@ def read_ledger(work_dir: str, site_id: str) -> pa.Table:
     return pq.read_table(path, schema=LEDGER) if path.exists() else LEDGER.empty_table()
 
 
-def record_ingested(batch: BatchRef, work_dir: str) -> None:
-    """Remember a published batch's hashed source objects so the next run skips them."""
-    rows = [
-        {"key": o.key, "size": o.size, "mtime_ns": o.mtime_ns, "sha256": o.sha256,
-         "batch_id": batch.batch_id}
-        for o in batch.objects
-        if o.sha256
-    ]
+def record_ingested(batch: BatchRef, index: pa.Table, work_dir: str) -> None:
+    """Remember a published batch's source objects so the next run skips them: hashed files,
+    or for a PACS batch the objects received (from the index)."""
+    if batch.pacs:
+        rows = [{"key": r["key"], "size": r["size"], "mtime_ns": 0, "sha256": r["sha256"],
+                 "batch_id": batch.batch_id}
+                for r in index.select(["key", "size", "sha256", "status"]).to_pylist()
+                if r["status"] == OK]
+    else:
+        rows = [{"key": o.key, "size": o.size, "mtime_ns": o.mtime_ns, "sha256": o.sha256,
+                 "batch_id": batch.batch_id}
+                for o in batch.objects if o.sha256]
     if not rows:
         return
     done = {r["key"] for r in rows}
@@ -378,7 +458,8 @@ def load_pending(work_dir: str, site_id: str, batch_id: str) -> BatchRef | None:
         return None
     raw = json.loads(path.read_text())
     return BatchRef(raw["site_id"], raw["batch_id"], raw["root"],
-                    tuple(SourceObject(**o) for o in raw["objects"]), raw["already_ingested"])
+                    tuple(SourceObject(**o) for o in raw["objects"]), raw["already_ingested"],
+                    raw["pacs"])
 
 
 def forget_pending(work_dir: str, site_id: str, batch_id: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,42 @@ def consortium_config(corpus_dir: Path, truth: dict, release: Path, work: Path,
     if scheduler:
         cfg["dask"] = {"scheduler": scheduler}
     return cfg
+
+
+PACS_PASSWORD = "pacs-test-password"
+PACS_SITE = "site-b"
+
+
+@pytest.fixture(scope="session")
+def pacs(tmp_path_factory, corpus):
+    """A real Orthanc (Debian's packages) on 127.0.0.1, needing a login for DICOMweb, loaded
+    with one synthetic site's files; radrepo's storage SCP port is registered with it as the
+    C-MOVE destination RADREPO. Outside CI a missing Orthanc skips; in CI it fails."""
+    from contextlib import ExitStack
+
+    from infra.orthanc import OrthancUnavailable, free_port, run_orthanc
+
+    corpus_dir, truth = corpus
+    source = corpus_dir / truth["sites"][PACS_SITE]["source"]
+    storage_port = free_port()
+    with ExitStack() as stack:
+        try:
+            server = stack.enter_context(run_orthanc(
+                tmp_path_factory.mktemp("orthanc"), {"RADREPO": storage_port},
+                username="radrepo", password=PACS_PASSWORD))
+        except OrthancUnavailable as err:
+            if os.environ.get("CI") == "true":
+                pytest.fail(f"the PACS for the tests cannot start: {err}")
+            pytest.skip(f"the PACS for the tests cannot start: {err}")
+        files = sorted(p for p in source.rglob("*") if p.is_file())
+        statuses = server.upload(files)
+        yield PacsFixture(server, storage_port, source,
+                          {p.relative_to(source).as_posix(): s for p, s in statuses.items()})
+
+
+@dataclass(frozen=True)
+class PacsFixture:
+    server: object  # infra.orthanc.Orthanc
+    storage_port: int
+    source: Path  # the files loaded into it
+    uploaded: dict[str, str]  # source key -> Orthanc's status for that file

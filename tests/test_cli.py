@@ -28,7 +28,7 @@ def write(path: Path, text: str) -> Path:
         ("release: r\nsites:\n  - site_id: a\n    source: {kind: folder, path: x}\n",
          "work_dir: required key is missing"),
         ("release: r\nwork_dir: w\nsites:\n  - site_id: a\n    source: {kind: ftp, path: x}\n",
-         "sites.0.source.kind: Input should be 'zip_batches', 'folder' or 'flat'"),
+         "sites.0.source: Input tag 'ftp' found using 'kind' does not match"),
         ("release: r\nwork_dir: w\nsites:\n  - site_id: 'bad id!'\n"
          "    source: {kind: folder, path: x}\n", "sites.0.site_id: String should match"),
         ("release: [unclosed\n", "configuration is not valid YAML at line"),
@@ -50,6 +50,19 @@ def test_run_refuses_to_start_without_the_secret(tmp_path, monkeypatch):
     assert result.exit_code == 2
     assert "RADREPO_SECRET is not set" in result.output
     assert not (tmp_path / "r").exists() and not (tmp_path / "w").exists()
+
+
+def test_unreachable_pacs_ends_the_run_with_one_line(prefect_server, tmp_path):
+    from infra.orthanc import free_port
+
+    port = free_port()  # nothing listens there
+    cfg = write(tmp_path / "c.yaml", "release: r\nwork_dir: w\nsites:\n  - site_id: a\n"
+                f"    source: {{kind: dicomweb, url: 'http://127.0.0.1:{port}/dicom-web', "
+                "retries: 1, backoff_seconds: 0}\n")
+    result = runner.invoke(app, ["run", str(cfg)])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == (
+        "radrepo: QIDO-RS: ConnectError (after 2 attempts)")
 
 
 def test_one_off_run_and_query(prefect_server, corpus, tmp_path):

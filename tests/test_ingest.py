@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pydicom
 
 from schemas.config import SiteConfig
+from schemas.pipeline import SOURCE_INDEX
 from tasks import ingest
 from tests.test_deidentify import identified_ct
 
@@ -63,13 +64,30 @@ def test_zip_batches_skip_in_progress_and_parse_exam_names(tmp_path):
     assert quarantine.column("reason").to_pylist() == ["not DICOM"]
 
 
+def test_zip_batches_take_only_new_and_newly_complete_batches(tmp_path):
+    src, work = tmp_path / "src", str(tmp_path / "work")
+    zip_site(src)
+    config = site("zip_batches", src)
+    published = {b.batch_id for b in ingest.discover_batches(config, work, set())}
+    assert ingest.discover_batches(config, work, published) == []  # unchanged source
+    (src / "CT-UPDATE-20200602-IN-PROGRESS").rename(src / "CT-UPDATE-20200602-COMPLETE")
+    [done] = ingest.discover_batches(config, work, published)
+    assert done.batch_id == "CT-UPDATE-20200602" and len(done.objects) == 1
+    published.add(done.batch_id)
+    (src / "CXR-UPDATE-20200610-COMPLETE").mkdir()
+    identified_ct(src / "CXR-UPDATE-20200610-COMPLETE" / "x.dcm", sop="1.2.9.77")
+    [added] = ingest.discover_batches(config, work, published)
+    assert added.batch_id == "CXR-UPDATE-20200610"
+    assert [o.key for o in added.objects] == ["CXR-UPDATE-20200610-COMPLETE/x.dcm"]
+
+
 def test_folder_source_is_incremental_through_the_ledger(tmp_path):
     src, work = tmp_path / "src", str(tmp_path / "work")
     (src / "p1").mkdir(parents=True)
     identified_ct(src / "p1" / "a.dcm", sop="1.2.5.1")
     cfg = site("folder", src)
     [first] = ingest.discover_batches(cfg, work, set())
-    ingest.record_ingested(first, work)
+    ingest.record_ingested(first, SOURCE_INDEX.empty_table(), work)
     published = {first.batch_id}
     assert ingest.discover_batches(cfg, work, published) == []
     os.utime(src / "p1" / "a.dcm", (1, 1))  # touched, same bytes: still nothing new
@@ -180,7 +198,7 @@ def test_folder_discovery_counts_what_it_skips(tmp_path):
     identified_ct(src / "a.dcm", sop="1.2.5.1")
     cfg = site("folder", src)
     [first] = ingest.discover_batches(cfg, work, set())
-    ingest.record_ingested(first, work)
+    ingest.record_ingested(first, SOURCE_INDEX.empty_table(), work)
     identified_ct(src / "b.dcm", sop="1.2.5.2")
     [second] = ingest.discover_batches(cfg, work, {first.batch_id})
     assert second.already_ingested == 1 and len(second.objects) == 1

@@ -1,0 +1,148 @@
+"""DICOMweb: QIDO-RS study search and WADO-RS study retrieve (multipart/related, streamed to
+files part by part, in the transfer syntax the PACS stored)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import BinaryIO
+
+import httpx
+
+from schemas.config import DicomWebSourceConfig
+from tasks.pacs.study import PacsStudy, PacsUnavailable, RetrieveFailed
+
+STUDY_UID = "0020000D"
+STUDY_INSTANCES = "00201208"
+PAGE = 500
+ACCEPT_DICOM = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+
+
+class DicomWebClient:
+    def __init__(self, source: DicomWebSourceConfig):
+        auth = None
+        if source.username:
+            password = os.environ.get(source.password_env or "")
+            if password is None:
+                raise PacsUnavailable(f"the DICOMweb password variable {source.password_env} "
+                                      "is not set")
+            auth = (source.username, password)
+        self.http = httpx.Client(base_url=source.url.rstrip("/"), auth=auth,
+                                 timeout=source.timeout_seconds)
+
+    def __enter__(self) -> DicomWebClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.http.close()
+
+    def find_studies(self, matches: list[dict[str, str]]) -> list[PacsStudy]:
+        """Every study matching any of ``matches`` (QIDO-RS study keys), paged, by UID."""
+        found: dict[str, PacsStudy] = {}
+        for keys in matches:
+            offset = 0
+            while True:
+                params = {**keys, "includefield": STUDY_INSTANCES, "limit": PAGE,
+                          "offset": offset}
+                page = self._search(params)
+                for item in page:
+                    study = _study(item)
+                    if study:
+                        found[study.study_uid] = study
+                if len(page) < PAGE:
+                    break
+                offset += PAGE
+        return sorted(found.values())
+
+    def _search(self, params: dict) -> list[dict]:
+        try:
+            reply = self.http.get("/studies", params=params, headers={
+                "Accept": "application/dicom+json"})
+        except httpx.TransportError as err:
+            raise PacsUnavailable(f"QIDO-RS: {type(err).__name__}") from None
+        if reply.status_code == 204:
+            return []
+        if not reply.is_success:
+            raise PacsUnavailable(f"QIDO-RS answered HTTP {reply.status_code}")
+        return reply.json()
+
+    def retrieve(self, study_uid: str, folder: Path) -> None:
+        """WADO-RS one study; each part of the multipart answer becomes one file."""
+        counter = iter(range(1 << 30))
+
+        def new_part() -> BinaryIO:
+            return (folder / f"{next(counter):06d}.dcm").open("wb")
+
+        try:
+            with self.http.stream("GET", f"/studies/{study_uid}",
+                                  headers={"Accept": ACCEPT_DICOM}) as reply:
+                if not reply.is_success:
+                    raise RetrieveFailed(f"WADO-RS answered HTTP {reply.status_code}")
+                boundary = multipart_boundary(reply.headers.get("content-type", ""))
+                write_parts(reply.iter_bytes(), boundary, new_part)
+        except httpx.HTTPError as err:
+            raise RetrieveFailed(f"WADO-RS: {type(err).__name__}") from None
+
+
+def _study(item: dict) -> PacsStudy | None:
+    uid = (item.get(STUDY_UID, {}).get("Value") or [None])[0]
+    if not uid:
+        return None
+    count = (item.get(STUDY_INSTANCES, {}).get("Value") or [None])[0]
+    return PacsStudy(uid, int(count) if count is not None else None)
+
+
+def multipart_boundary(content_type: str) -> bytes:
+    """The boundary parameter of a multipart/related Content-Type."""
+    kind, _, params = content_type.partition(";")
+    if kind.strip().lower() != "multipart/related":
+        raise RetrieveFailed(f"WADO-RS answered {kind.strip() or 'no content type'}, "
+                             "not multipart/related")
+    for param in params.split(";"):
+        name, _, value = param.strip().partition("=")
+        if name.lower() == "boundary" and value:
+            return value.strip('"').encode()
+    raise RetrieveFailed("WADO-RS answer has no multipart boundary")
+
+
+def write_parts(chunks: Iterable[bytes], boundary: bytes,
+                new_part: Callable[[], BinaryIO]) -> int:
+    """Stream a multipart body into one file per part (headers dropped); returns the number
+    of parts. Raises RetrieveFailed if the body ends before its closing boundary."""
+    delimiter = b"\r\n--" + boundary
+    buffer = b"\r\n"  # the first delimiter has no CRLF of its own before it
+    out: BinaryIO | None = None
+    in_headers = False
+    parts = 0
+    try:
+        for chunk in chunks:
+            buffer += chunk
+            while True:
+                if in_headers:
+                    end = buffer.find(b"\r\n\r\n")
+                    if end < 0:
+                        break
+                    buffer = buffer[end + 4:]
+                    in_headers = False
+                    out = new_part()
+                    parts += 1
+                found = buffer.find(delimiter)
+                if found < 0 or len(buffer) < found + len(delimiter) + 2:
+                    if out is not None:
+                        keep = found if found >= 0 else max(0, len(buffer) - len(delimiter) - 1)
+                        out.write(buffer[:keep])
+                        buffer = buffer[keep:]
+                    break
+                if out is not None:
+                    out.write(buffer[:found])
+                    out.close()
+                    out = None
+                buffer = buffer[found + len(delimiter):]
+                if buffer.startswith(b"--"):
+                    return parts
+                in_headers = True
+    finally:
+        if out is not None:
+            out.close()
+    raise RetrieveFailed("WADO-RS answer ended before its closing boundary")

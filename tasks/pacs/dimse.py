@@ -1,0 +1,143 @@
+"""DIMSE: C-FIND at study level, and C-MOVE to radrepo's own storage SCP (pynetdicom).
+
+The SCP writes each received object as the PACS sent it (file meta added, nothing decoded),
+named by a hash of its SOP Instance UID so a re-sent object replaces itself. It accepts
+C-STOREs only from the configured PACS AE title and only while a C-MOVE is running.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import (
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+
+from schemas.config import DimseSourceConfig
+from tasks.pacs.study import PacsStudy, PacsUnavailable, RetrieveFailed
+
+PENDING = (0xFF00, 0xFF01)
+SUCCESS = 0x0000
+REFUSED = 0xC000
+OUT_OF_RESOURCES = 0xA700
+
+
+class DimseClient:
+    def __init__(self, source: DimseSourceConfig, receive: bool = False):
+        self.source = source
+        self.ae = AE(ae_title=source.calling_ae)
+        for timeout in ("acse_timeout", "dimse_timeout", "network_timeout"):
+            setattr(self.ae, timeout, source.timeout_seconds)
+        self.ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        self.ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+        self.receive = receive
+        self._folder: Path | None = None
+        self._server = None
+
+    def __enter__(self) -> DimseClient:
+        if self.receive:
+            for context in AllStoragePresentationContexts:
+                self.ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            self.ae.require_calling_aet = [self.source.called_ae]
+            try:
+                self._server = self.ae.start_server(
+                    (self.source.storage_host, self.source.storage_port), block=False,
+                    evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+            except OSError as err:
+                raise PacsUnavailable(
+                    f"cannot listen for C-STORE on {self.source.storage_host}:"
+                    f"{self.source.storage_port} ({err.strerror})") from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def _associate(self):
+        where = f"{self.source.called_ae} at {self.source.host}:{self.source.port}"
+        assoc = self.ae.associate(self.source.host, self.source.port,
+                                  ae_title=self.source.called_ae)
+        if not assoc.is_established:
+            why = ("rejected by the PACS" if assoc.is_rejected
+                   else "failed (refused, aborted or timed out)")
+            raise PacsUnavailable(f"association with {where} {why}")
+        return assoc
+
+    def find_studies(self, matches: list[dict[str, str]]) -> list[PacsStudy]:
+        """Every study matching any of ``matches`` (study-level C-FIND keys), by UID."""
+        found: dict[str, PacsStudy] = {}
+        assoc = self._associate()
+        try:
+            for keys in matches:
+                query = Dataset()
+                query.QueryRetrieveLevel = "STUDY"
+                query.StudyInstanceUID = ""
+                query.NumberOfStudyRelatedInstances = ""
+                for keyword, value in keys.items():
+                    setattr(query, keyword, value)
+                for status, identifier in assoc.send_c_find(
+                        query, StudyRootQueryRetrieveInformationModelFind):
+                    code = status.get("Status") if status else None
+                    if code in PENDING and identifier is not None:
+                        study = _study(identifier)
+                        if study:
+                            found[study.study_uid] = study
+                    elif code != SUCCESS:
+                        raise PacsUnavailable(_status_text("C-FIND", code))
+        finally:
+            assoc.release()
+        return sorted(found.values())
+
+    def retrieve(self, study_uid: str, folder: Path) -> None:
+        """C-MOVE one study to our storage SCP, whose handler writes it into ``folder``."""
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = study_uid
+        self._folder = folder
+        try:
+            try:
+                assoc = self._associate()
+            except PacsUnavailable as err:
+                raise RetrieveFailed(str(err)) from None
+            final = None
+            try:
+                for status, _ in assoc.send_c_move(query, self.source.calling_ae,
+                                                   StudyRootQueryRetrieveInformationModelMove):
+                    final = status.get("Status") if status else None
+            finally:
+                assoc.release()
+        finally:
+            self._folder = None
+        if final != SUCCESS:
+            raise RetrieveFailed(_status_text("C-MOVE", final))
+
+    def _on_store(self, event) -> int:
+        folder = self._folder
+        if folder is None:
+            return REFUSED
+        uid = str(event.request.AffectedSOPInstanceUID)
+        target = folder / (hashlib.sha256(uid.encode()).hexdigest()[:32] + ".dcm")
+        try:
+            target.write_bytes(event.encoded_dataset())
+        except OSError:
+            return OUT_OF_RESOURCES
+        return SUCCESS
+
+
+def _study(identifier: Dataset) -> PacsStudy | None:
+    uid = str(identifier.get("StudyInstanceUID") or "").strip()
+    if not uid:
+        return None
+    count = identifier.get("NumberOfStudyRelatedInstances")
+    return PacsStudy(uid, int(count) if count not in (None, "") else None)
+
+
+def _status_text(operation: str, code: int | None) -> str:
+    if code is None:
+        return f"{operation} got no answer (connection lost or timed out)"
+    return f"{operation} ended with status 0x{code:04X}"

@@ -1,0 +1,126 @@
+"""What both PACS protocols share: the query plan, retries with backoff, and retrieving a study
+whole into a folder that a restarted ingest can resume from."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+from schemas.config import PacsSourceConfig, StudyQuery
+
+T = TypeVar("T")
+COMPLETE_MARKER = "complete.json"
+
+
+class PacsUnavailable(RuntimeError):
+    """The PACS could not be asked (no association, connection refused, bad answer)."""
+
+
+class RetrieveFailed(RuntimeError):
+    """A study could not be retrieved whole; the message says why without naming the study."""
+
+
+@dataclass(frozen=True, order=True)
+class PacsStudy:
+    study_uid: str
+    instances: int | None  # as the PACS reported it (None: not reported)
+
+
+class PacsClient(Protocol):
+    def find_studies(self, matches: list[dict[str, str]]) -> list[PacsStudy]: ...
+
+    def retrieve(self, study_uid: str, folder: Path) -> None: ...
+
+
+def dicom_date_range(since: date | None, until: date | None) -> str:
+    """A DICOM date range match (``20200301-20200331``, open at either end), or ''."""
+    if since is None and until is None:
+        return ""
+    start = f"{since:%Y%m%d}" if since else ""
+    end = f"{until:%Y%m%d}" if until else ""
+    return f"{start}-{end}"
+
+
+def query_plan(query: StudyQuery,
+               window: tuple[date | None, date | None] | None = None) -> list[dict[str, str]]:
+    """The study-level matches to send: one per accession number and modality given, each
+    within the date window (``window`` overrides the configured one, as a backfill does)."""
+    since, until = window if window is not None else (query.since, query.until)
+    dates = dicom_date_range(since, until)
+    accessions: list[str | None] = [None]
+    if query.accession_list:
+        accessions = read_accession_list(Path(query.accession_list))
+    modalities: list[str | None] = list(query.modalities) or [None]
+    plan = []
+    for accession in accessions:
+        for modality in modalities:
+            keys = {"StudyDate": dates, "AccessionNumber": accession,
+                    "ModalitiesInStudy": modality}
+            plan.append({k: v for k, v in keys.items() if v})
+    return plan
+
+
+def read_accession_list(path: Path) -> list[str]:
+    """Accession numbers, one per line; blank lines and ``#`` comments are skipped."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as err:
+        raise PacsUnavailable(f"cannot read the accession list {path}: {err.strerror}") from None
+    numbers = [line.split("#", 1)[0].strip() for line in lines]
+    return sorted({n for n in numbers if n})
+
+
+def with_retries(action: Callable[[], T], source: PacsSourceConfig,
+                 failure: type[RuntimeError], sleep: Callable[[float], None] = time.sleep) -> T:
+    """Run ``action``; on ``failure``, try again up to ``source.retries`` times, waiting
+    ``backoff_seconds`` and doubling the wait each time."""
+    attempts = source.retries + 1
+    for attempt in range(attempts):
+        try:
+            return action()
+        except failure as err:
+            last = err
+        if attempt + 1 < attempts:
+            sleep(source.backoff_seconds * 2 ** attempt)
+    raise failure(f"{last} (after {attempts} attempts)")
+
+
+def retrieve_study(client: PacsClient, study: PacsStudy, folder: Path,
+                   source: PacsSourceConfig) -> list[Path]:
+    """The study's files, retrieved into ``folder`` and counted against what the PACS
+    reported; a folder a previous run finished is reused as it is. Raises RetrieveFailed."""
+    marker = folder / COMPLETE_MARKER
+    if marker.exists():
+        return [folder / name for name in json.loads(marker.read_text())]
+    if study.instances is None:
+        raise RetrieveFailed("the PACS did not report the study's instance count, "
+                             "so a complete retrieve cannot be told from a partial one")
+
+    def attempt() -> list[Path]:
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        try:
+            client.retrieve(study.study_uid, folder)
+            failure = ""
+        except RetrieveFailed as err:
+            failure = f"; {err}"
+        files = sorted(folder.iterdir())
+        if failure or len(files) != study.instances:
+            raise RetrieveFailed(f"study incomplete: received {len(files)} of "
+                                 f"{study.instances} instances{failure}")
+        return files
+
+    try:
+        files = with_retries(attempt, source, RetrieveFailed)
+    except RetrieveFailed:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    marker.write_text(json.dumps([p.name for p in files]))
+    return files
