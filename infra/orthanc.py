@@ -79,7 +79,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _loopback_shim(folder: Path) -> Path:
+def loopback_shim(folder: Path) -> Path:
+    """Build the preload library that keeps a server's wildcard binds on loopback."""
     shim = folder / "loopback_bind.so"
     subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-o", str(shim),
                     str(HERE / "loopback_bind.c"), "-ldl"], check=True, capture_output=True)
@@ -139,7 +140,7 @@ def run_orthanc(folder: Path, move_destinations: dict[str, int] | None = None,
     config_path = folder / "orthanc.json"
     config_path.write_text(json.dumps(config, indent=1))
     log = (folder / "orthanc.log").open("wb")
-    env = {**os.environ, "LD_PRELOAD": str(_loopback_shim(folder))}
+    env = {**os.environ, "LD_PRELOAD": str(loopback_shim(folder))}
     process = subprocess.Popen([binary, str(config_path)], stdout=log, stderr=subprocess.STDOUT,
                                env=env, cwd=folder)
     server = dataclasses.replace(server, pid=process.pid)

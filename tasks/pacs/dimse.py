@@ -32,6 +32,7 @@ class DimseClient:
         self.ae = AE(ae_title=source.calling_ae)
         for timeout in ("acse_timeout", "dimse_timeout", "network_timeout"):
             setattr(self.ae, timeout, source.timeout_seconds)
+        self.ae.maximum_pdu_size = 0  # no limit: the PACS sends big PDUs, far fewer of them
         self.ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
         self.ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
         self.receive = receive
