@@ -5,6 +5,7 @@ recorded, an interrupted ingest resumes, and the nightly flow over a PACS is inc
 from __future__ import annotations
 
 import io
+import logging
 from datetime import date
 from pathlib import Path
 
@@ -203,6 +204,20 @@ def test_refused_move_is_recorded_and_dicomweb_takes_the_study(pacs, direct, tmp
     index = ingest_all(web, tmp_path / "web")
     assert index.column("status").to_pylist() == ["ok"] * 3
     assert UNKNOWN_SOP_CLASS in index.column("sop_class_uid").to_pylist()
+
+
+@pytest.mark.parametrize("kind", ["dimse", "dicomweb"])
+def test_debug_logging_quotes_no_identifier(pacs, direct, tmp_path, caplog, kind):
+    caplog.set_level(logging.DEBUG)  # as an operator chasing a problem would set it
+    study = sorted({r["study_uid"] for r in direct.values() if r["modality"] == "CT"})[0]
+    accession = pydicom.dcmread(next(r["staged_path"] for r in direct.values()
+                                     if r["study_uid"] == study)).AccessionNumber
+    source = (dimse_source if kind == "dimse" else dicomweb_source)(pacs)
+    index = ingest_all(accession_site(source, tmp_path, accession), tmp_path / "work")
+    assert index.num_rows > 1
+    assert caplog.records  # something was logged at all...
+    for value in [accession, study, *index.column("sop_uid").to_pylist()]:
+        assert value not in caplog.text  # ...but no identifier
 
 
 def test_unreachable_pacs_is_retried_then_reported(tmp_path):

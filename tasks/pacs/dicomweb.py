@@ -3,6 +3,7 @@ files part by part, in the transfer syntax the PACS stored)."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -12,6 +13,10 @@ import httpx
 
 from schemas.config import DicomWebSourceConfig
 from tasks.pacs.study import PacsStudy, PacsUnavailable, RetrieveFailed
+
+# httpx logs each request's URL at INFO: study UIDs and accession numbers would reach logs
+for _name in ("httpx", "httpcore"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 STUDY_UID = "0020000D"
 STUDY_INSTANCES = "00201208"

@@ -8,6 +8,7 @@ C-STOREs only from the configured PACS AE title and only while a C-MOVE is runni
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 
 from pydicom.dataset import Dataset
@@ -19,6 +20,9 @@ from pynetdicom.sop_class import (
 
 from schemas.config import DimseSourceConfig
 from tasks.pacs.study import PacsStudy, PacsUnavailable, RetrieveFailed
+
+# pynetdicom's INFO and DEBUG lines quote UIDs and the query results: keep them out of logs
+logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 PENDING = (0xFF00, 0xFF01)
 SUCCESS = 0x0000
