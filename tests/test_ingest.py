@@ -222,3 +222,19 @@ def test_objects_refused_later_join_the_quarantine(tmp_path):
     assert [(r["key"], r["stage"], r["reason"]) for r in rows] == [
         ("b.txt", "ingest", "not DICOM"), ("a.dcm", "deidentify", "no Patient ID")]
     assert (folder / ok_id).read_bytes() == (src / "a.dcm").read_bytes()
+
+
+def test_restarted_ingest_of_a_batch_neither_duplicates_nor_loses(tmp_path):
+    src, work = tmp_path / "src", str(tmp_path / "work")
+    zip_site(src)
+    config = site("zip_batches", src)
+    batch = ingest.discover_batches(config, work, set())[0]
+    clean = ingest.ingest_batch(batch, config.source, work).index
+    # as a run killed while staging leaves it: a half-written member and a stray one
+    staging = tmp_path / "work" / "s1" / "staging" / batch.batch_id / "source"
+    staged = sorted(staging.iterdir())
+    staged[0].write_bytes(staged[0].read_bytes()[:100])
+    (staging / "o0000099").write_bytes(b"partial")
+    again = ingest.ingest_batch(batch, config.source, work).index
+    assert again.equals(clean)
+    assert sorted(staging.iterdir()) == staged

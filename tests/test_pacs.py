@@ -309,7 +309,7 @@ def keep_open(into: list) -> io.BytesIO:
 
 def test_nightly_over_a_pacs_takes_only_what_is_new(pacs, direct, corpus, prefect_server,
                                                     dask_scheduler, tmp_path):
-    from flows.nightly import nightly
+    from flows.nightly import backfill, nightly
     from schemas.config import parse_config
 
     corpus_dir, truth = corpus
@@ -337,3 +337,8 @@ def test_nightly_over_a_pacs_takes_only_what_is_new(pacs, direct, corpus, prefec
     assert third["batch_id"] != first["batch_id"]
     assert third["files_in"] == 2 and third["skipped_already_ingested"] == in_pacs
     assert third["published"] + third["excluded"] + third["quarantined"] == 2
+
+    # a backfill asks the PACS again for the window's studies and takes them on purpose
+    [again] = backfill(config, since=date(2021, 1, 1), until=date(2021, 12, 31))
+    assert again["files_in"] == 2 and again["batch_id"] == third["batch_id"]
+    assert again["files_written"] == 0  # the same bytes again: nothing rewritten
