@@ -29,6 +29,10 @@ def write(path: Path, text: str) -> Path:
          "work_dir: required key is missing"),
         ("release: r\nwork_dir: w\nsites:\n  - site_id: a\n    source: {kind: ftp, path: x}\n",
          "sites.0.source: Input tag 'ftp' found using 'kind' does not match"),
+        ("release: r\nwork_dir: w\nsites:\n  - site_id: a\n    source: {kind: dimse, host: h, "
+         "port: 104, called_ae: PACS}\n", "sites.0.source.dimse.storage_port: required key"),
+        ("release: r\nwork_dir: w\nsites:\n  - site_id: a\n    source: {kind: dicomweb, "
+         "url: u, query: {modality: CT}}\n", "sites.0.source.dicomweb.query.modality: unknown key"),
         ("release: r\nwork_dir: w\nsites:\n  - site_id: 'bad id!'\n"
          "    source: {kind: folder, path: x}\n", "sites.0.site_id: String should match"),
         ("release: [unclosed\n", "configuration is not valid YAML at line"),

@@ -19,7 +19,13 @@ from schemas.config import SiteConfig
 from tasks import ingest
 from tasks.pacs import PacsUnavailable, RetrieveFailed
 from tasks.pacs.dicomweb import write_parts
-from tasks.pacs.study import COMPLETE_MARKER, query_plan
+from tasks.pacs.study import (
+    COMPLETE_MARKER,
+    PacsStudy,
+    query_plan,
+    retrieve_study,
+    with_retries,
+)
 from tests.conftest import PACS_PASSWORD, PACS_SITE
 
 HEADER = ("patient_id", "study_uid", "series_uid", "sop_uid", "sop_class_uid", "modality",
@@ -283,6 +289,38 @@ def test_query_plan_crosses_accessions_and_modalities(tmp_path):
     ]
     assert query_plan(StudyQuery(), (None, date(2020, 5, 1))) == [{"StudyDate": "-20200501"}]
     assert query_plan(StudyQuery()) == [{}]
+
+
+def test_retries_back_off_exponentially_then_give_up():
+    from schemas.config import PacsSourceConfig
+
+    waits, calls = [], []
+
+    def flaky():
+        calls.append(1)
+        raise RetrieveFailed("C-MOVE ended with status 0xA701")
+
+    source = PacsSourceConfig(retries=3, backoff_seconds=0.5)
+    with pytest.raises(RetrieveFailed, match=r"^C-MOVE ended with status 0xA701 \(after 4"):
+        with_retries(flaky, source, RetrieveFailed, sleep=waits.append)
+    assert len(calls) == 4 and waits == [0.5, 1.0, 2.0]
+    outcomes = iter([RetrieveFailed("x"), "whole"])
+
+    def second_time_lucky():
+        outcome = next(outcomes)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    assert with_retries(second_time_lucky, source, RetrieveFailed, sleep=waits.append) == "whole"
+
+
+def test_a_study_without_a_reported_count_is_not_taken_on_trust(tmp_path):
+    from schemas.config import PacsSourceConfig
+
+    with pytest.raises(RetrieveFailed, match="did not report the study's instance count"):
+        retrieve_study(None, PacsStudy("1.2.3", None), tmp_path / "s", PacsSourceConfig())
+    assert not (tmp_path / "s").exists()
 
 
 def test_multipart_parts_survive_any_chunking():
