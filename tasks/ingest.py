@@ -19,6 +19,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from datetime import date
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
 import pyarrow as pa
@@ -27,7 +28,13 @@ from fsspec.implementations.local import LocalFileSystem
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
-from schemas.config import PACS_KINDS, SiteConfig, SourceConfig
+from schemas.config import (
+    PACS_KINDS,
+    DicomWebSourceConfig,
+    DimseSourceConfig,
+    SiteConfig,
+    SourceConfig,
+)
 from schemas.pipeline import LEDGER, OK, QUARANTINE, QUARANTINED, SOURCE_INDEX
 from tasks import pacs
 
@@ -186,14 +193,15 @@ def _discover_studies(site: SiteConfig, work_dir: str, published: set[str],
         count = study.instances if study.instances is not None else -1
         new.append(SourceObject(study.study_uid, count, 0))
         fingerprint.update(f"{study.study_uid}\t{study.instances}\n".encode())
-    return _new_batch(site, pacs_location(source), new, fingerprint, skipped, published)
+    return _new_batch(site, _pacs_location(source), new, fingerprint, skipped, published)
 
 
-def pacs_location(source) -> str:
-    """Where a PACS source lives, as a URL (for the batch record; no credentials)."""
+def _pacs_location(source: DimseSourceConfig | DicomWebSourceConfig) -> str:
+    """Where a PACS source lives, as a URL (for the batch record; never credentials)."""
     if source.kind == "dimse":
         return f"dimse://{source.called_ae}@{source.host}:{source.port}"
-    return source.url
+    url = urlsplit(source.url)
+    return urlunsplit(url._replace(netloc=url.hostname + (f":{url.port}" if url.port else "")))
 
 
 def _mtime_ns(info: dict) -> int:
