@@ -200,20 +200,26 @@ def backfill(
 
 @app.command()
 def query(
-    release: Annotated[Path, typer.Argument(help="release folder")],
+    release: Annotated[str, typer.Argument(help="release folder or URL (s3://bucket/prefix)")],
     sql: Annotated[str, typer.Argument(help="SQL over the catalog views")],
 ) -> None:
-    """Run SQL against the release catalog and print the result as a table."""
-    db = release / "catalog.duckdb"
-    if not db.exists():
-        _fail(f"no catalog at {db}: has a batch been published there?", 2)
-    with duckdb.connect(str(db), read_only=True) as con:
-        try:
-            result = con.execute(sql)
-        except duckdb.Error as err:
-            _fail(f"query failed: {str(err).splitlines()[0]}", 1)
-        columns = [d[0] for d in result.description]
-        rows = result.fetchall()
+    """Run SQL against the release catalog and print the result as a table.
+
+    An s3:// release is read with the standard AWS environment variables (AWS_ENDPOINT_URL
+    for a non-AWS endpoint)."""
+    from tasks.catalog_query import NoCatalog, open_catalog
+    from tasks.publish import Release
+
+    try:
+        with open_catalog(Release(release)) as con:
+            try:
+                result = con.execute(sql)
+            except duckdb.Error as err:
+                _fail(f"query failed: {str(err).splitlines()[0]}", 1)
+            columns = [d[0] for d in result.description]
+            rows = result.fetchall()
+    except NoCatalog as err:
+        _fail(str(err), 2)
     print_table(columns, rows)
 
 

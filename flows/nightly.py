@@ -28,7 +28,7 @@ def _run_batches(config: RadrepoConfig, sites: list[str] | None,
     returns is wanted."""
     logger = get_run_logger()
     keys_from_env(config.secret_env)
-    release = Release(config.release)
+    release = Release(config.release, config.release_storage_options)
     chosen = [s for s in config.sites if not sites or s.site_id in sites]
     plan: list[tuple[str, str]] = []
     for site in chosen:

@@ -157,7 +157,7 @@ def site_batch(config: RadrepoConfig, site_id: str, batch_id: str, force: bool =
                scheduler: str | None = None) -> dict[str, Any]:
     """Take one batch of one site from its source to a published, COMPLETE release batch."""
     logger = get_run_logger()
-    release = publishing.Release(config.release)
+    release = publishing.Release(config.release, config.release_storage_options)
     if release.is_complete(site_id, batch_id) and not force:
         logger.info("site %s batch %s is already published; nothing to do", site_id, batch_id)
         return {"site_id": site_id, "batch_id": batch_id, "status": "already published"}

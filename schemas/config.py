@@ -166,6 +166,8 @@ class DeidConfig(Strict):
 
 class RadrepoConfig(Strict):
     release: str
+    # fsspec options for the release URL's filesystem, as a source's storage_options
+    release_storage_options: dict[str, Any] = Field(default_factory=dict)
     work_dir: str
     secret_env: str = "RADREPO_SECRET"
     dask: DaskConfig = DaskConfig()

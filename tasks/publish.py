@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from schemas.catalog import MANIFEST, PARTITION_COLUMNS, TABLES
+from tasks.duckdb_remote import enable_remote_reads
 
 COMPLETE = "COMPLETE"
 CATALOG_DB = "catalog.duckdb"
@@ -36,9 +37,10 @@ class PublishResult:
 class Release:
     """A release location (local folder or fsspec URL) and the layout inside it."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, storage_options: dict | None = None):
         self.url = url.rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.storage_options = dict(storage_options or {})
+        self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.storage_options)
         self.local = isinstance(self.fs, LocalFileSystem)
 
     def path(self, relative: str) -> str:
@@ -264,6 +266,8 @@ def refresh_catalog_db(release: Release, work_dir: str) -> bool:
     tmp = local_db.with_name(f".{CATALOG_DB}.tmp-{os.getpid()}")
     tmp.unlink(missing_ok=True)
     with duckdb.connect(str(tmp)) as con:
+        if not release.local:  # creating a view reads the schema of the Parquet it names
+            enable_remote_reads(con, release.storage_options)
         for statement in statements:
             con.execute(statement)
         con.execute("CREATE TABLE catalog_info AS SELECT ? AS views_sha256", [fingerprint])

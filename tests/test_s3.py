@@ -3,6 +3,7 @@ through s3fs, index exactly as the same batches read from a local folder."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import pytest
@@ -64,3 +65,53 @@ def test_zip_batches_on_s3_index_like_the_local_copy(s3_endpoint, corpus, tmp_pa
         assert all(p.startswith(str(tmp_path / "work-s3"))
                    for p in got.column("staged_path").to_pylist() if p)
     assert ingest.detect_source_kind("s3://radrepo-sources/site-a", options) == "zip_batches"
+
+
+def release_files(fs, root: str) -> dict[str, str]:
+    """Relative path -> SHA-256 of every file of a release but its run records and its
+    DuckDB views file (which name run ids and the release's own location)."""
+    out = {}
+    for path in fs.find(root):
+        relative = path[len(root.rstrip("/")) + 1:]
+        if relative.startswith("catalog/runs/") or relative == "catalog.duckdb":
+            continue
+        out[relative] = hashlib.sha256(fs.cat_file(path)).hexdigest()
+    return out
+
+
+def test_nightly_publishes_to_s3_as_to_a_folder_and_duckdb_reads_it_there(
+        s3_endpoint, make_config, prefect_server, tmp_path, monkeypatch):
+    import s3fs
+    from fsspec.implementations.local import LocalFileSystem
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from flows.nightly import nightly
+    from tasks.catalog_query import open_catalog
+    from tasks.publish import Release
+
+    options = {"client_kwargs": {"endpoint_url": s3_endpoint}}
+    fs = s3fs.S3FileSystem(**options)
+    fs.mkdir("radrepo-release")
+    url = "s3://radrepo-release/v1"
+    local = nightly(make_config(tmp_path / "release", tmp_path / "work-local"), sites=["site-c"])
+    remote = nightly(make_config(url, tmp_path / "work-s3", release_storage_options=options),
+                     sites=["site-c"])
+    assert [r["batch_id"] for r in remote] == [r["batch_id"] for r in local] != []
+    assert [r["published"] for r in remote] == [r["published"] for r in local]
+
+    fs.invalidate_cache()
+    published = release_files(fs, "radrepo-release/v1")
+    assert any(p.endswith(".dcm") for p in published)
+    assert published == release_files(LocalFileSystem(), str(tmp_path / "release"))
+
+    sql = ("select site_id, batch_id, count(*) as n, count(distinct sop_uid) as sops "
+           "from instances group by all order by all")
+    with open_catalog(Release(str(tmp_path / "release"))) as con:
+        want = con.execute(sql).fetchall()
+    with open_catalog(Release(url, options)) as con:  # the Parquet is read in the bucket
+        assert con.execute(sql).fetchall() == want
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    result = CliRunner().invoke(app, ["query", url, "select count(*) as n from instances"])
+    assert result.exit_code == 0, result.output
+    assert str(sum(n for *_, n, _ in want)) in result.output

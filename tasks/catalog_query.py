@@ -1,0 +1,36 @@
+"""Open a release's catalog for SQL: ``catalog.duckdb`` and the Parquet its views name, read in
+place, on local disk or in S3."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import duckdb
+
+from tasks.duckdb_remote import enable_remote_reads
+from tasks.publish import CATALOG_DB, Release
+
+
+class NoCatalog(LookupError):
+    """The release has no catalog.duckdb (no batch published there yet)."""
+
+
+@contextmanager
+def open_catalog(release: Release) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A read-only connection to the release's catalog views."""
+    if not release.fs.exists(release.path(CATALOG_DB)):
+        raise NoCatalog(f"no catalog at {release.url}/{CATALOG_DB}: has a batch been "
+                        "published there?")
+    if release.local:
+        with duckdb.connect(release.path(CATALOG_DB), read_only=True) as con:
+            yield con
+        return
+    with tempfile.TemporaryDirectory(prefix="radrepo-catalog-") as folder:
+        copy = Path(folder) / CATALOG_DB
+        release.fs.get_file(release.path(CATALOG_DB), str(copy))
+        with duckdb.connect(str(copy), read_only=True) as con:
+            enable_remote_reads(con, release.storage_options)
+            yield con
