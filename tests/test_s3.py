@@ -111,6 +111,8 @@ def test_nightly_publishes_to_s3_as_to_a_folder_and_duckdb_reads_it_there(
         want = con.execute(sql).fetchall()
     with open_catalog(Release(url, options)) as con:  # the Parquet is read in the bucket
         assert con.execute(sql).fetchall() == want
+    assert os.environ["AWS_SECRET_ACCESS_KEY"].encode() not in fs.cat_file(
+        "radrepo-release/v1/catalog.duckdb")  # the session's secret is never stored
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
     result = CliRunner().invoke(app, ["query", url, "select count(*) as n from instances"])
     assert result.exit_code == 0, result.output
