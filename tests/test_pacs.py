@@ -245,13 +245,33 @@ def test_unreachable_pacs_is_retried_then_reported(tmp_path):
     assert messages["dicomweb"] == "QIDO-RS: ConnectError (after 3 attempts)"
 
 
-def test_wrong_dicomweb_password_is_reported(pacs, tmp_path, monkeypatch):
+def test_wrong_dicomweb_password_or_url_is_reported(pacs, tmp_path, monkeypatch):
     monkeypatch.setenv(PASSWORD_ENV, "wrong")
     with pytest.raises(PacsUnavailable, match=r"^QIDO-RS answered HTTP 401"):
         ingest.discover_batches(site(dicomweb_source(pacs, retries=0)), str(tmp_path), set())
+    monkeypatch.setenv(PASSWORD_ENV, PACS_PASSWORD)
+    native_api = dicomweb_source(pacs, url=pacs.server.url, retries=0)  # not the DICOMweb root
+    with pytest.raises(PacsUnavailable, match=r"^QIDO-RS answered HTTP 400"):
+        ingest.discover_batches(site(native_api), str(tmp_path), set())
     monkeypatch.delenv(PASSWORD_ENV)
     with pytest.raises(PacsUnavailable, match=f"{PASSWORD_ENV} is not set"):
         ingest.discover_batches(site(dicomweb_source(pacs)), str(tmp_path), set())
+
+
+def test_a_web_page_instead_of_dicom_json_is_reported(tmp_path):
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+    from threading import Thread
+
+    (tmp_path / "studies").write_text("<html>Please log in</html>")  # a portal, not QIDO-RS
+    handler = partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
+    with ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        Thread(target=server.serve_forever, daemon=True).start()
+        source = {"kind": "dicomweb", "url": f"http://127.0.0.1:{server.server_port}",
+                  "retries": 0}
+        with pytest.raises(PacsUnavailable, match="not a DICOM JSON list of studies"):
+            ingest.discover_batches(site(source), str(tmp_path / "work"), set())
+        server.shutdown()
 
 
 def test_interrupted_ingest_resumes_without_asking_again(pacs, tmp_path):

@@ -70,7 +70,14 @@ class DicomWebClient:
             return []
         if not reply.is_success:
             raise PacsUnavailable(f"QIDO-RS answered HTTP {reply.status_code}")
-        return reply.json()
+        try:
+            found = reply.json()
+        except ValueError:
+            found = None
+        if not isinstance(found, list) or not all(isinstance(i, dict) for i in found):
+            raise PacsUnavailable("QIDO-RS answer is not a DICOM JSON list of studies "
+                                  "(is the url the DICOMweb root?)")
+        return found
 
     def retrieve(self, study_uid: str, folder: Path) -> None:
         """WADO-RS one study; each part of the multipart answer becomes one file."""
