@@ -16,6 +16,7 @@ from flows.secret import keys_from_env
 from flows.site_batch import site_batch
 from schemas.config import RadrepoConfig, load_config
 from tasks import ingest
+from tasks.pacs import PacsUnavailable
 from tasks.publish import Release
 
 
@@ -25,27 +26,36 @@ def _run_batches(config: RadrepoConfig, sites: list[str] | None,
     """Discover each chosen site's batches, keep the wanted ones, run ``site_batch`` on each.
 
     A PACS site is asked for the studies in ``window`` when one is given, and all it
-    returns is wanted."""
+    returns is wanted. A PACS that cannot be reached does not hold up the other sites: the
+    run ends with PacsUnavailable naming it once their batches are done."""
     logger = get_run_logger()
     keys_from_env(config.secret_env)
     release = Release(config.release, config.release_storage_options)
     chosen = [s for s in config.sites if not sites or s.site_id in sites]
     plan: list[tuple[str, str]] = []
+    unreachable: list[str] = []
     for site in chosen:
         published = set() if force else {b for s, b in release.complete_batches()
                                          if s == site.site_id}
-        for batch in ingest.discover_batches(site, config.work_dir, published, window):
+        try:
+            found = ingest.discover_batches(site, config.work_dir, published, window)
+        except PacsUnavailable as err:
+            logger.error("site %s: %s", site.site_id, err)
+            unreachable.append(f"site {site.site_id}: {err}")
+            continue
+        for batch in found:
             if wanted(batch.batch_id) or (batch.pacs and window is not None):
                 ingest.save_pending(batch, config.work_dir)
                 plan.append((site.site_id, batch.batch_id))
     logger.info("%d batch(es) to run across %d site(s)", len(plan), len(chosen))
-    if not plan:
-        return []
     summaries = []
-    with dask_client(config.dask) as client:
-        for site_id, batch_id in plan:
-            summaries.append(site_batch(config, site_id, batch_id, force=force,
-                                        scheduler=client.scheduler.address))
+    if plan:
+        with dask_client(config.dask) as client:
+            for site_id, batch_id in plan:
+                summaries.append(site_batch(config, site_id, batch_id, force=force,
+                                            scheduler=client.scheduler.address))
+    if unreachable:
+        raise PacsUnavailable("; ".join(unreachable))
     return summaries
 
 

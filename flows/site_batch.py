@@ -208,7 +208,7 @@ def site_batch(config: RadrepoConfig, site_id: str, batch_id: str, force: bool =
                           config.work_dir, reports)
     ingest.record_ingested(batch, ingested.index, config.work_dir)
     ingest.forget_pending(config.work_dir, site_id, batch_id)
-    ingest.clear_staging(config.work_dir, site_id, batch_id)
+    ingest.clear_staging(batch, config.work_dir)
     logger.info("site %s batch %s: %d files in, %d published, %d excluded, %d quarantined",
                 site_id, batch_id, counts["files_in"], counts["published"], counts["excluded"],
                 counts["quarantined"])

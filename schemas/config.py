@@ -70,7 +70,7 @@ class DicomWebSourceConfig(PacsSourceConfig):
     """A PACS reached by QIDO-RS search and WADO-RS retrieve."""
 
     kind: Literal["dicomweb"]
-    url: str  # the DICOMweb root, e.g. http://pacs:8042/dicom-web
+    url: str = Field(pattern=r"^https?://[^/\s]+")  # the DICOMweb root: http://pacs:8042/dicom-web
     username: str | None = None
     password_env: str | None = None  # the environment variable holding the password
 

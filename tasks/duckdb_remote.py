@@ -21,7 +21,10 @@ def enable_remote_reads(con: duckdb.DuckDBPyConnection, storage_options: dict) -
 def load_httpfs(con: duckdb.DuckDBPyConnection) -> None:
     """Install DuckDB's httpfs from the pip package that carries it, then load it."""
     package = Path(duckdb_extension_httpfs.__file__).parent / "extensions"
-    [extension] = sorted(package.glob(f"v{duckdb.__version__}/httpfs.duckdb_extension"))
+    extension = package / f"v{duckdb.__version__}" / "httpfs.duckdb_extension"
+    if not extension.exists():
+        raise RuntimeError(f"duckdb-extension-httpfs has no build for DuckDB "
+                           f"{duckdb.__version__}: install the matching version")
     con.execute(f"INSTALL '{extension}'")
     con.execute("LOAD httpfs")
 

@@ -156,14 +156,22 @@ def discover_batches(site: SiteConfig, work_dir: str, published: set[str],
 
 def _new_batch(site: SiteConfig, root: str, new: list[SourceObject], fingerprint,
                skipped: int, published: set[str]) -> list[BatchRef]:
-    """One batch of the new objects, named by what they are (so discovery is repeatable)."""
+    """One batch of the new objects, named by what they are (so discovery is repeatable).
+
+    Studies a PACS source lists again after a published batch took them are studies that
+    batch could not retrieve whole: they get the next attempt number (``-2``, ``-3``...)."""
     if not new:
         return []
-    batch_id = f"{site.source.kind}-{fingerprint.hexdigest()[:12]}"
-    if batch_id in published:
-        return []
+    pacs_batch = site.source.kind in PACS_KINDS
+    base = batch_id = f"{site.source.kind}-{fingerprint.hexdigest()[:12]}"
+    attempt = 1
+    while batch_id in published:
+        if not pacs_batch:
+            return []
+        attempt += 1
+        batch_id = f"{base}-{attempt}"
     return [BatchRef(site.site_id, batch_id, root, tuple(new), already_ingested=skipped,
-                     pacs=site.source.kind in PACS_KINDS)]
+                     pacs=pacs_batch)]
 
 
 def _ledger_rows(work_dir: str, site_id: str, published: set[str]) -> list[dict]:
@@ -186,6 +194,8 @@ def _discover_studies(site: SiteConfig, work_dir: str, published: set[str],
     fingerprint = hashlib.sha256()
     skipped = 0
     for study in studies:
+        if study.instances == 0:  # nothing to retrieve, nothing to account for
+            continue
         if study.instances is not None and received.get(study.study_uid) == study.instances:
             skipped += study.instances
             continue
@@ -374,14 +384,19 @@ def _ingest_file(objects: _Objects, fs, root: str, key: str, known_sha256: str |
     _index_staged(objects, key, staged, size, digest, {})
 
 
+def _received_folder(received: Path, study_uid: str) -> Path:
+    return received / hashlib.sha256(study_uid.encode()).hexdigest()[:16]
+
+
 def _ingest_studies(objects: _Objects, source, received: Path) -> None:
     """Retrieve each study of the batch whole and index its files; a study that cannot be
-    retrieved whole is quarantined as one record. Studies a previous, interrupted run
-    received whole are taken from ``received`` without asking the PACS again."""
+    retrieved whole is quarantined as one record. Studies an earlier, interrupted run
+    received whole (for whichever batch) are taken from ``received`` without asking the PACS
+    again; they stay there until a published batch holds them."""
     with pacs.open_client(source, receive=True) as client:
         for obj in objects.batch.objects:
             study = pacs.PacsStudy(obj.key, obj.size if obj.size >= 0 else None)
-            folder = received / hashlib.sha256(obj.key.encode()).hexdigest()[:16]
+            folder = _received_folder(received, obj.key)
             try:
                 files = pacs.retrieve_study(client, study, folder, source)
             except pacs.RetrieveFailed as err:
@@ -405,7 +420,7 @@ def ingest_batch(batch: BatchRef, source: SourceConfig, work_dir: str) -> Ingest
         shutil.rmtree(objects.staging)
     objects.staging.mkdir(parents=True)
     if source.kind in PACS_KINDS:
-        _ingest_studies(objects, source, work / "staging" / batch.batch_id / "received")
+        _ingest_studies(objects, source, work / "received")
     else:
         fs, _ = fsspec.core.url_to_fs(source.path, **source.storage_options)
         for obj in batch.objects:
@@ -429,19 +444,21 @@ def read_ledger(work_dir: str, site_id: str) -> pa.Table:
 def record_ingested(batch: BatchRef, index: pa.Table, work_dir: str) -> None:
     """Remember a published batch's source objects so the next run skips them: hashed files,
     or for a PACS batch the objects received (from the index)."""
-    if batch.pacs:
+    ledger = read_ledger(work_dir, batch.site_id).to_pylist()
+    if batch.pacs:  # every object of the studies received whole, whatever became of it
         rows = [{"key": r["key"], "size": r["size"], "mtime_ns": 0, "sha256": r["sha256"],
                  "batch_id": batch.batch_id}
-                for r in index.select(["key", "size", "sha256", "status"]).to_pylist()
-                if r["status"] == OK]
+                for r in index.select(["key", "size", "sha256"]).to_pylist() if "/" in r["key"]]
+        studies = {r["key"].split("/", 1)[0] for r in rows}
+        kept = [r for r in ledger if r["key"].split("/", 1)[0] not in studies]
     else:
         rows = [{"key": o.key, "size": o.size, "mtime_ns": o.mtime_ns, "sha256": o.sha256,
                  "batch_id": batch.batch_id}
                 for o in batch.objects if o.sha256]
+        done = {r["key"] for r in rows}
+        kept = [r for r in ledger if r["key"] not in done]
     if not rows:
         return
-    done = {r["key"] for r in rows}
-    kept = [r for r in read_ledger(work_dir, batch.site_id).to_pylist() if r["key"] not in done]
     path = site_work_dir(work_dir, batch.site_id) / "ledger.parquet"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -467,18 +484,21 @@ def load_pending(work_dir: str, site_id: str, batch_id: str) -> BatchRef | None:
     raw = json.loads(path.read_text())
     return BatchRef(raw["site_id"], raw["batch_id"], raw["root"],
                     tuple(SourceObject(**o) for o in raw["objects"]), raw["already_ingested"],
-                    raw["pacs"])
+                    raw.get("pacs", False))
 
 
 def forget_pending(work_dir: str, site_id: str, batch_id: str) -> None:
     _pending_path(work_dir, site_id, batch_id).unlink(missing_ok=True)
 
 
-def clear_staging(work_dir: str, site_id: str, batch_id: str) -> None:
-    """Drop a finished batch's staged copies (the source and the release keep what matters)."""
-    staging = site_work_dir(work_dir, site_id) / "staging" / batch_id
-    if staging.exists():
-        shutil.rmtree(staging)
+def clear_staging(batch: BatchRef, work_dir: str) -> None:
+    """Drop a published batch's staged copies, PACS studies received for it included (the
+    source and the release keep what matters)."""
+    work = site_work_dir(work_dir, batch.site_id)
+    shutil.rmtree(work / "staging" / batch.batch_id, ignore_errors=True)
+    if batch.pacs:
+        for obj in batch.objects:
+            shutil.rmtree(_received_folder(work / "received", obj.key), ignore_errors=True)
 
 
 def detect_source_kind(url: str, storage_options: dict | None = None) -> str:

@@ -32,7 +32,10 @@ def write(path: Path, text: str) -> Path:
         ("release: r\nwork_dir: w\nsites:\n  - site_id: a\n    source: {kind: dimse, host: h, "
          "port: 104, called_ae: PACS}\n", "sites.0.source.dimse.storage_port: required key"),
         ("release: r\nwork_dir: w\nsites:\n  - site_id: a\n    source: {kind: dicomweb, "
-         "url: u, query: {modality: CT}}\n", "sites.0.source.dicomweb.query.modality: unknown key"),
+         "url: 'http://pacs/dicom-web', query: {modality: CT}}\n",
+         "sites.0.source.dicomweb.query.modality: unknown key"),
+        ("release: r\nwork_dir: w\nsites:\n  - site_id: a\n    source: {kind: dicomweb, "
+         "url: pacs/dicom-web}\n", "sites.0.source.dicomweb.url: String should match"),
         ("release: r\nwork_dir: w\nsites:\n  - site_id: 'bad id!'\n"
          "    source: {kind: folder, path: x}\n", "sites.0.site_id: String should match"),
         ("release: [unclosed\n", "configuration is not valid YAML at line"),
@@ -56,17 +59,23 @@ def test_run_refuses_to_start_without_the_secret(tmp_path, monkeypatch):
     assert not (tmp_path / "r").exists() and not (tmp_path / "w").exists()
 
 
-def test_unreachable_pacs_ends_the_run_with_one_line(prefect_server, tmp_path):
+def test_unreachable_pacs_ends_the_run_with_one_line_after_the_other_sites(
+        prefect_server, corpus, tmp_path):
     from infra.orthanc import free_port
 
+    corpus_dir, truth = corpus
+    flat_id, flat = next((k, v) for k, v in truth["sites"].items() if v["layout"] == "flat")
     port = free_port()  # nothing listens there
     cfg = write(tmp_path / "c.yaml", "release: r\nwork_dir: w\nsites:\n  - site_id: a\n"
                 f"    source: {{kind: dicomweb, url: 'http://127.0.0.1:{port}/dicom-web', "
-                "retries: 1, backoff_seconds: 0}\n")
+                "retries: 1, backoff_seconds: 0}\n"
+                f"  - site_id: {flat_id}\n"
+                f"    source: {{kind: flat, path: '{corpus_dir / flat['source']}'}}\n")
     result = runner.invoke(app, ["run", str(cfg)])
     assert result.exit_code == 1
     assert result.output.strip().splitlines()[-1] == (
-        "radrepo: QIDO-RS: ConnectError (after 2 attempts)")
+        f"radrepo: site a: QIDO-RS at http://127.0.0.1:{port}: ConnectError (after 2 attempts)")
+    assert list((tmp_path / "r" / "batches" / flat_id).glob("*/COMPLETE"))  # not held up
 
 
 def test_one_off_run_and_query(prefect_server, corpus, tmp_path):

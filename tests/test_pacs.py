@@ -101,7 +101,7 @@ def test_dimse_by_date_window_indexes_like_the_files(pacs, direct, tmp_path):
         assert dataset_bytes(r["staged_path"]) == dataset_bytes(expected[r["sop_uid"]]
                                                                 ["staged_path"])
         assert r["key"] == f"{r['study_uid']}/{r['sop_uid']}"
-        assert Path(r["staged_path"]).is_relative_to(tmp_path / "pacs" / "staging")
+        assert Path(r["staged_path"]).is_relative_to(tmp_path / "pacs" / "received")
 
 
 def test_dimse_by_accession_list(pacs, direct, tmp_path):
@@ -187,7 +187,7 @@ def test_study_changed_after_the_query_is_retried_then_quarantined(pacs, direct,
     assert (row["status"], row["key"]) == ("quarantined", batch.objects[0].key)
     assert row["reason"] == "study incomplete: received 2 of 3 instances (after 3 attempts)"
     assert result.quarantine.column("reason").to_pylist() == [row["reason"]]
-    received = tmp_path / "work" / "pacs" / "staging" / batch.batch_id / "received"
+    received = tmp_path / "work" / "pacs" / "received"
     assert not any(received.rglob("*.dcm"))  # a partial copy is not kept as if it were whole
     # the next run asks again and takes the study as it now is
     [again] = ingest.discover_batches(config, str(tmp_path / "work"), set())
@@ -206,6 +206,11 @@ def test_refused_move_is_recorded_and_dicomweb_takes_the_study(pacs, direct, tmp
     assert row["reason"].startswith("study incomplete: received 0 of 3 instances; "
                                     "C-MOVE ended with status 0x")
     assert row["reason"].endswith("(after 2 attempts)")
+    # the batch is published without the study; the next run asks for it again
+    ingest.record_ingested(batch, ingest.ingest_batch(batch, config.source, str(
+        tmp_path / "dimse")).index, str(tmp_path / "dimse"))
+    [retry] = ingest.discover_batches(config, str(tmp_path / "dimse"), {batch.batch_id})
+    assert retry.batch_id == f"{batch.batch_id}-2" and retry.objects == batch.objects
     web = accession_site(dicomweb_source(pacs), tmp_path, "RRODD01")
     index = ingest_all(web, tmp_path / "web")
     assert index.column("status").to_pylist() == ["ok"] * 3
@@ -242,16 +247,17 @@ def test_unreachable_pacs_is_retried_then_reported(tmp_path):
         messages[kind] = str(err.value)
     assert messages["dimse"] == (f"association with NOWHERE at 127.0.0.1:{port} failed "
                                  "(refused, aborted or timed out) (after 3 attempts)")
-    assert messages["dicomweb"] == "QIDO-RS: ConnectError (after 3 attempts)"
+    assert messages["dicomweb"] == (f"QIDO-RS at http://127.0.0.1:{port}: ConnectError "
+                                    "(after 3 attempts)")
 
 
 def test_wrong_dicomweb_password_or_url_is_reported(pacs, tmp_path, monkeypatch):
     monkeypatch.setenv(PASSWORD_ENV, "wrong")
-    with pytest.raises(PacsUnavailable, match=r"^QIDO-RS answered HTTP 401"):
+    with pytest.raises(PacsUnavailable, match=r"^QIDO-RS at \S+ answered HTTP 401"):
         ingest.discover_batches(site(dicomweb_source(pacs, retries=0)), str(tmp_path), set())
     monkeypatch.setenv(PASSWORD_ENV, PACS_PASSWORD)
     native_api = dicomweb_source(pacs, url=pacs.server.url, retries=0)  # not the DICOMweb root
-    with pytest.raises(PacsUnavailable, match=r"^QIDO-RS answered HTTP 400"):
+    with pytest.raises(PacsUnavailable, match=r"^QIDO-RS at \S+ answered HTTP 400"):
         ingest.discover_batches(site(native_api), str(tmp_path), set())
     monkeypatch.delenv(PASSWORD_ENV)
     with pytest.raises(PacsUnavailable, match=f"{PASSWORD_ENV} is not set"):
@@ -279,7 +285,7 @@ def test_interrupted_ingest_resumes_without_asking_again(pacs, tmp_path):
     work = str(tmp_path)
     [batch] = ingest.discover_batches(config, work, set())
     first = ingest.ingest_batch(batch, config.source, work).index
-    received = tmp_path / "pacs" / "staging" / batch.batch_id / "received"
+    received = tmp_path / "pacs" / "received"
     folders = sorted(received.iterdir())
     assert len(folders) == len(batch.objects) >= 3
     # as a run killed while receiving the last study leaves it: no marker, half the files
@@ -390,7 +396,7 @@ def test_nightly_over_a_pacs_takes_only_what_is_new(pacs, direct, corpus, prefec
 
     assert nightly(config) == []  # nothing new in the PACS: nothing asked for, nothing run
 
-    add_study(pacs, cr_template(direct), "20210301", "RRNEW01", 2, tmp_path)
+    added = add_study(pacs, cr_template(direct), "20210301", "RRNEW01", 2, tmp_path)
     [third] = nightly(config)
     assert third["batch_id"] != first["batch_id"]
     assert third["files_in"] == 2 and third["skipped_already_ingested"] == in_pacs
@@ -400,3 +406,9 @@ def test_nightly_over_a_pacs_takes_only_what_is_new(pacs, direct, corpus, prefec
     [again] = backfill(config, since=date(2021, 1, 1), until=date(2021, 12, 31))
     assert again["files_in"] == 2 and again["batch_id"] == third["batch_id"]
     assert again["files_written"] == 0  # the same bytes again: nothing rewritten
+
+    # an object deleted in the PACS: the study is taken again once, as it now is
+    pacs.server.delete_instance(added[0])
+    [fourth] = nightly(config)
+    assert fourth["files_in"] == 1 and fourth["batch_id"] != third["batch_id"]
+    assert nightly(config) == []

@@ -35,6 +35,8 @@ class DicomWebClient:
             auth = (source.username, password)
         self.http = httpx.Client(base_url=source.url.rstrip("/"), auth=auth,
                                  timeout=source.timeout_seconds)
+        url = self.http.base_url
+        self.location = f"{url.scheme}://{url.host}" + (f":{url.port}" if url.port else "")
 
     def __enter__(self) -> DicomWebClient:
         return self
@@ -43,21 +45,21 @@ class DicomWebClient:
         self.http.close()
 
     def find_studies(self, matches: list[dict[str, str]]) -> list[PacsStudy]:
-        """Every study matching any of ``matches`` (QIDO-RS study keys), paged, by UID."""
+        """Every study matching any of ``matches`` (QIDO-RS study keys), by UID.
+
+        Pages are asked for until one is empty or brings nothing new, so a server that caps
+        its pages below ours loses nothing and one that ignores ``offset`` cannot loop."""
         found: dict[str, PacsStudy] = {}
         for keys in matches:
             offset = 0
             while True:
                 params = {**keys, "includefield": STUDY_INSTANCES, "limit": PAGE,
                           "offset": offset}
-                page = self._search(params)
-                for item in page:
-                    study = _study(item)
-                    if study:
-                        found[study.study_uid] = study
-                if len(page) < PAGE:
+                page = [study for item in self._search(params) if (study := _study(item))]
+                if not any(study.study_uid not in found for study in page):
                     break
-                offset += PAGE
+                found.update((study.study_uid, study) for study in page)
+                offset += len(page)
         return sorted(found.values())
 
     def _search(self, params: dict) -> list[dict]:
@@ -65,18 +67,19 @@ class DicomWebClient:
             reply = self.http.get("/studies", params=params, headers={
                 "Accept": "application/dicom+json"})
         except httpx.TransportError as err:
-            raise PacsUnavailable(f"QIDO-RS: {type(err).__name__}") from None
+            raise PacsUnavailable(f"QIDO-RS at {self.location}: {type(err).__name__}") from None
         if reply.status_code == 204:
             return []
         if not reply.is_success:
-            raise PacsUnavailable(f"QIDO-RS answered HTTP {reply.status_code}")
+            raise PacsUnavailable(f"QIDO-RS at {self.location} answered HTTP "
+                                  f"{reply.status_code}")
         try:
             found = reply.json()
         except ValueError:
             found = None
         if not isinstance(found, list) or not all(isinstance(i, dict) for i in found):
-            raise PacsUnavailable("QIDO-RS answer is not a DICOM JSON list of studies "
-                                  "(is the url the DICOMweb root?)")
+            raise PacsUnavailable(f"QIDO-RS at {self.location}: the answer is not a DICOM JSON "
+                                  "list of studies (is the url the DICOMweb root?)")
         return found
 
     def retrieve(self, study_uid: str, folder: Path) -> None:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from io import BytesIO
 from pathlib import Path
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import (
@@ -26,7 +28,8 @@ logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 PENDING = (0xFF00, 0xFF01)
 SUCCESS = 0x0000
-REFUSED = 0xC000
+NOT_AUTHORIZED = 0x0124  # PS3.7 C.5.22: Refused: Not Authorized
+CANNOT_UNDERSTAND = 0xC000
 OUT_OF_RESOURCES = 0xA700
 
 
@@ -40,7 +43,7 @@ class DimseClient:
         self.ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
         self.ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
         self.receive = receive
-        self._folder: Path | None = None
+        self._receiving: tuple[str, Path] | None = None  # (study UID, folder) of the C-MOVE
         self._server = None
 
     def __enter__(self) -> DimseClient:
@@ -103,12 +106,13 @@ class DimseClient:
         query = Dataset()
         query.QueryRetrieveLevel = "STUDY"
         query.StudyInstanceUID = study_uid
-        self._folder = folder
+        self._receiving = (study_uid, folder)
         try:
             try:
                 assoc = self._associate()
-            except PacsUnavailable as err:
-                raise RetrieveFailed(str(err)) from None
+            except PacsUnavailable:
+                # the reason is published in the run record: it names no host or AE title
+                raise RetrieveFailed("association with the PACS failed") from None
             final = None
             try:
                 for status, _ in assoc.send_c_move(query, self.source.calling_ae,
@@ -117,18 +121,29 @@ class DimseClient:
             finally:
                 assoc.release()
         finally:
-            self._folder = None
+            self._receiving = None
         if final != SUCCESS:
             raise RetrieveFailed(_status_text("C-MOVE", final))
 
     def _on_store(self, event) -> int:
-        folder = self._folder
-        if folder is None:
-            return REFUSED
+        """Keep an object of the study being moved; refuse anything else (a late store from
+        an earlier, timed-out move must not stand in for a missing instance)."""
+        receiving = self._receiving
+        if receiving is None:
+            return NOT_AUTHORIZED
+        study_uid, folder = receiving
+        data = event.encoded_dataset()
+        try:
+            header = dcmread(BytesIO(data), stop_before_pixels=True,
+                             specific_tags=["StudyInstanceUID"])
+        except Exception:  # noqa: BLE001 - whatever cannot be read is refused
+            return CANNOT_UNDERSTAND
+        if str(header.get("StudyInstanceUID", "")) != study_uid:
+            return NOT_AUTHORIZED
         uid = str(event.request.AffectedSOPInstanceUID)
         target = folder / (hashlib.sha256(uid.encode()).hexdigest()[:32] + ".dcm")
         try:
-            target.write_bytes(event.encoded_dataset())
+            target.write_bytes(data)
         except OSError:
             return OUT_OF_RESOURCES
         return SUCCESS

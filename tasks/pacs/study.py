@@ -4,6 +4,7 @@ whole into a folder that a restarted ingest can resume from."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -94,24 +95,26 @@ def with_retries(action: Callable[[], T], source: PacsSourceConfig,
 def retrieve_study(client: PacsClient, study: PacsStudy, folder: Path,
                    source: PacsSourceConfig) -> list[Path]:
     """The study's files, retrieved into ``folder`` and counted against what the PACS
-    reported; a folder a previous run finished is reused as it is. Raises RetrieveFailed."""
+    reported; a folder a previous run finished for the same count is reused as it is.
+    Raises RetrieveFailed."""
     marker = folder / COMPLETE_MARKER
     if marker.exists():
-        return [folder / name for name in json.loads(marker.read_text())]
+        done = json.loads(marker.read_text())
+        if done["instances"] == study.instances:
+            return [folder / name for name in done["files"]]
     if study.instances is None:
         raise RetrieveFailed("the PACS did not report the study's instance count, "
                              "so a complete retrieve cannot be told from a partial one")
 
     def attempt() -> list[Path]:
-        if folder.exists():
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True, exist_ok=True)
         try:
             client.retrieve(study.study_uid, folder)
             failure = ""
         except RetrieveFailed as err:
             failure = f"; {err}"
-        files = sorted(folder.iterdir())
+        files = sorted(p for p in folder.iterdir() if p.suffix == ".dcm")
         if failure or len(files) != study.instances:
             raise RetrieveFailed(f"study incomplete: received {len(files)} of "
                                  f"{study.instances} instances{failure}")
@@ -122,5 +125,8 @@ def retrieve_study(client: PacsClient, study: PacsStudy, folder: Path,
     except RetrieveFailed:
         shutil.rmtree(folder, ignore_errors=True)
         raise
-    marker.write_text(json.dumps([p.name for p in files]))
+    partial = marker.with_suffix(".tmp")
+    partial.write_text(json.dumps({"instances": study.instances,
+                                   "files": [p.name for p in files]}))
+    os.replace(partial, marker)
     return files
