@@ -67,6 +67,47 @@ def test_zip_batches_on_s3_index_like_the_local_copy(s3_endpoint, corpus, tmp_pa
     assert ingest.detect_source_kind("s3://radrepo-sources/site-a", options) == "zip_batches"
 
 
+@pytest.mark.parametrize("layout", ["tree", "flat"])
+def test_folder_sources_on_s3_index_like_the_local_copy_and_are_incremental(
+        s3_endpoint, corpus, tmp_path, layout):
+    import s3fs
+
+    corpus_dir, truth = corpus
+    site_id, site = next((k, v) for k, v in truth["sites"].items() if v["layout"] == layout)
+    kind = "folder" if layout == "tree" else "flat"
+    local_root = corpus_dir / site["source"]
+    options = {"client_kwargs": {"endpoint_url": s3_endpoint}}
+    fs = s3fs.S3FileSystem(**options)
+    bucket = f"radrepo-{layout}"
+    fs.mkdir(bucket)
+    fs.put(str(local_root), f"{bucket}/{site_id}", recursive=True)
+
+    local = SiteConfig(site_id=site_id, source={"kind": kind, "path": str(local_root)})
+    remote = SiteConfig(site_id=site_id, source={
+        "kind": kind, "path": f"s3://{bucket}/{site_id}", "storage_options": options})
+    work = str(tmp_path / "work-s3")
+    [lb] = ingest.discover_batches(local, str(tmp_path / "work-local"), set())
+    [rb] = ingest.discover_batches(remote, work, set())
+    assert rb.batch_id == lb.batch_id  # named by content, wherever it is kept
+    want = ingest.ingest_batch(lb, local.source, str(tmp_path / "work-local")).index
+    got = ingest.ingest_batch(rb, remote.source, work).index
+    assert got.num_rows == len(site["files"])  # one row per file, bad ones included
+    assert got.select(COMPARED).to_pylist() == want.select(COMPARED).to_pylist()
+    assert "quarantined" in got.column("status").to_pylist()  # the planted bad files
+    # a one-off run detects the kind; a flat folder reads as a folder of depth one
+    assert ingest.detect_source_kind(f"s3://{bucket}/{site_id}", options) == "folder"
+
+    # once published, the same bucket yields nothing new; one added object is exactly one batch
+    ingest.record_ingested(rb, got, work)
+    assert ingest.discover_batches(remote, work, {rb.batch_id}) == []
+    extra = next(k for k, s in zip(got.column("key").to_pylist(),
+                                   got.column("status").to_pylist(), strict=True) if s == "ok")
+    fs.copy(f"{bucket}/{site_id}/{extra}", f"{bucket}/{site_id}/added/copy.dcm")
+    fs.invalidate_cache()
+    [added] = ingest.discover_batches(remote, work, {rb.batch_id})
+    assert [o.key for o in added.objects] == ["added/copy.dcm"]
+
+
 def release_files(fs, root: str) -> dict[str, str]:
     """Relative path -> SHA-256 of every file of a release but its run records and its
     DuckDB views file (which name run ids and the release's own location)."""
