@@ -38,7 +38,10 @@ def _run_batches(config: RadrepoConfig, sites: list[str] | None,
         published = set() if force else {b for s, b in release.complete_batches()
                                          if s == site.site_id}
         try:
-            found = ingest.discover_batches(site, config.work_dir, published, window)
+            found = ingest.discover_batches(
+                site, config.work_dir, published, window,
+                notify=lambda note, site_id=site.site_id: logger.warning(
+                    "site %s: %s", site_id, note))
         except PacsUnavailable as err:
             logger.error("site %s: %s", site.site_id, err)
             unreachable.append(f"site {site.site_id}: {err}")

@@ -16,6 +16,7 @@ import re
 import shutil
 import zipfile
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import date
 from pathlib import Path
@@ -101,15 +102,18 @@ def _list_files(fs, root: str) -> dict[str, dict]:
 
 
 def discover_batches(site: SiteConfig, work_dir: str, published: set[str],
-                     window: tuple[date | None, date | None] | None = None) -> list[BatchRef]:
+                     window: tuple[date | None, date | None] | None = None,
+                     notify: Callable[[str], None] | None = None) -> list[BatchRef]:
     """The site's batches not yet published, by name (IN-PROGRESS folders wait).
 
     ``published`` holds the site's complete batch ids: the ledger only vouches for objects
     of those, so a release rebuilt from scratch picks every object up again. ``window``
     replaces a PACS source's study date window (a backfill's); file sources ignore it.
+    ``notify`` hears what the operator should know that is no object to account for (an
+    accession number no study answered to), in words that quote no identifier.
     """
     if site.source.kind in PACS_KINDS:
-        return _discover_studies(site, work_dir, published, window)
+        return _discover_studies(site, work_dir, published, window, notify)
     fs, root = fsspec.core.url_to_fs(site.source.path, **site.source.storage_options)
     files = _list_files(fs, root)
     if site.source.kind == "zip_batches":
@@ -180,7 +184,8 @@ def _ledger_rows(work_dir: str, site_id: str, published: set[str]) -> list[dict]
 
 
 def _discover_studies(site: SiteConfig, work_dir: str, published: set[str],
-                      window: tuple[date | None, date | None] | None) -> list[BatchRef]:
+                      window: tuple[date | None, date | None] | None,
+                      notify: Callable[[str], None] | None) -> list[BatchRef]:
     """The PACS's matching studies that were never received whole, or whose instance count
     changed since; the ledger keys received objects by study UID and SOP Instance UID."""
     source = site.source
@@ -188,6 +193,9 @@ def _discover_studies(site: SiteConfig, work_dir: str, published: set[str],
     with pacs.open_client(source) as client:
         studies = pacs.with_retries(lambda: client.find_studies(plan), source,
                                     pacs.PacsUnavailable)
+    note = pacs.unmatched_accessions(source.query, studies)
+    if note and notify:
+        notify(note)
     received = Counter(row["key"].split("/", 1)[0]
                        for row in _ledger_rows(work_dir, site.site_id, published))
     new: list[SourceObject] = []

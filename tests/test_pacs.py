@@ -120,6 +120,27 @@ def test_dimse_by_accession_list(pacs, direct, tmp_path):
         chosen[1]][1]
 
 
+@pytest.mark.parametrize("kind", ["dimse", "dicomweb"])
+def test_accession_numbers_no_study_answers_are_reported_by_line(pacs, direct, tmp_path,
+                                                                   kind):
+    accession = pydicom.dcmread(next(iter(direct.values()))["staged_path"],
+                                stop_before_pixels=True).AccessionNumber
+    missing = ("ACC-NOSUCH-1", "ACC-NOSUCH-2")
+    accessions = tmp_path / "accessions.txt"
+    accessions.write_text(f"# audit list\n{accession}\n{missing[0]}  # ward 5\n\n"
+                          f"{missing[1]}\n{accession}\n")
+    make = dimse_source if kind == "dimse" else dicomweb_source
+    config = site(make(pacs, query={"accession_list": str(accessions)}))
+    notes: list[str] = []
+    [batch] = ingest.discover_batches(config, str(tmp_path), set(), notify=notes.append)
+    assert len(batch.objects) == 1
+    assert notes == ["2 of 3 accession numbers matched no study (accession list lines 3, 5)"]
+    accessions.write_text(f"{accession}\n")
+    notes.clear()
+    ingest.discover_batches(config, str(tmp_path), set(), notify=notes.append)
+    assert notes == []
+
+
 def test_dicomweb_indexes_like_the_files_byte_for_byte(pacs, direct, tmp_path):
     index = ingest_all(site(dicomweb_source(pacs, query=CORPUS_WINDOW)), tmp_path)
     rows = index.to_pylist()

@@ -17,11 +17,12 @@ from tasks.pacs.study import (
     RetrieveFailed,
     query_plan,
     retrieve_study,
+    unmatched_accessions,
     with_retries,
 )
 
 __all__ = ["PacsStudy", "PacsUnavailable", "RetrieveFailed", "open_client", "query_plan",
-           "retrieve_study", "with_retries"]
+           "retrieve_study", "unmatched_accessions", "with_retries"]
 
 
 @contextmanager

@@ -20,6 +20,7 @@ for _name in ("httpx", "httpcore"):
 
 STUDY_UID = "0020000D"
 STUDY_INSTANCES = "00201208"
+ACCESSION = "00080050"  # returned by default at study level (PS3.18 Table 10.6.3-3)
 PAGE = 500
 ACCEPT_DICOM = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 
@@ -105,7 +106,9 @@ def _study(item: dict) -> PacsStudy | None:
     if not uid:
         return None
     count = (item.get(STUDY_INSTANCES, {}).get("Value") or [None])[0]
-    return PacsStudy(uid, int(count) if count is not None else None)
+    accession = (item.get(ACCESSION, {}).get("Value") or [None])[0]
+    return PacsStudy(uid, int(count) if count is not None else None,
+                     str(accession or "").strip() or None)
 
 
 def multipart_boundary(content_type: str) -> bytes:

@@ -86,6 +86,7 @@ class DimseClient:
                 query.QueryRetrieveLevel = "STUDY"
                 query.StudyInstanceUID = ""
                 query.NumberOfStudyRelatedInstances = ""
+                query.AccessionNumber = ""
                 for keyword, value in keys.items():
                     setattr(query, keyword, value)
                 for status, identifier in assoc.send_c_find(
@@ -154,7 +155,8 @@ def _study(identifier: Dataset) -> PacsStudy | None:
     if not uid:
         return None
     count = identifier.get("NumberOfStudyRelatedInstances")
-    return PacsStudy(uid, int(count) if count not in (None, "") else None)
+    return PacsStudy(uid, int(count) if count not in (None, "") else None,
+                     str(identifier.get("AccessionNumber") or "").strip() or None)
 
 
 def _status_text(operation: str, code: int | None) -> str:

@@ -8,7 +8,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -31,6 +31,7 @@ class RetrieveFailed(RuntimeError):
 class PacsStudy:
     study_uid: str
     instances: int | None  # as the PACS reported it (None: not reported)
+    accession: str | None = field(default=None, compare=False)
 
 
 class PacsClient(Protocol):
@@ -56,7 +57,7 @@ def query_plan(query: StudyQuery,
     dates = dicom_date_range(since, until)
     accessions: list[str | None] = [None]
     if query.accession_list:
-        accessions = read_accession_list(Path(query.accession_list))
+        accessions = sorted(read_accession_list(Path(query.accession_list)))
     modalities: list[str | None] = list(query.modalities) or [None]
     plan = []
     for accession in accessions:
@@ -67,14 +68,35 @@ def query_plan(query: StudyQuery,
     return plan
 
 
-def read_accession_list(path: Path) -> list[str]:
-    """Accession numbers, one per line; blank lines and ``#`` comments are skipped."""
+def read_accession_list(path: Path) -> dict[str, int]:
+    """Accession numbers, one per line, each with the line it first appears on; blank lines
+    and ``#`` comments are skipped."""
     try:
         lines = path.read_text().splitlines()
     except OSError as err:
         raise PacsUnavailable(f"cannot read the accession list {path}: {err.strerror}") from None
-    numbers = [line.split("#", 1)[0].strip() for line in lines]
-    return sorted({n for n in numbers if n})
+    numbers: dict[str, int] = {}
+    for line_number, line in enumerate(lines, start=1):
+        number = line.split("#", 1)[0].strip()
+        if number:
+            numbers.setdefault(number, line_number)
+    return numbers
+
+
+def unmatched_accessions(query: StudyQuery, studies: list[PacsStudy]) -> str | None:
+    """A note naming, by line of the accession list, the numbers no study answered to, or
+    None; line numbers, never the numbers themselves, since those identify patients."""
+    if not query.accession_list:
+        return None
+    listed = read_accession_list(Path(query.accession_list))
+    answered = {(s.accession or "").strip() for s in studies}
+    lines = sorted(line for number, line in listed.items() if number not in answered)
+    if not lines:
+        return None
+    shown = ", ".join(map(str, lines[:20])) + (f" and {len(lines) - 20} more"
+                                               if len(lines) > 20 else "")
+    return (f"{len(lines)} of {len(listed)} accession numbers matched no study "
+            f"(accession list lines {shown})")
 
 
 def with_retries(action: Callable[[], T], source: PacsSourceConfig,
