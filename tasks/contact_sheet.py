@@ -25,11 +25,14 @@ def _first(value) -> float:
 
 
 def _windowed(ds) -> np.ndarray:
-    """8-bit greyscale of the image's first frame: the stored window, else the 1-99th
-    percentiles of the rescaled values; MONOCHROME1 inverted."""
-    pixels = ds.pixel_array.astype(np.float64)
-    if pixels.ndim == 3 and ds.get("SamplesPerPixel", 1) == 1:
-        pixels = pixels[0]
+    """8-bit greyscale of the image's first frame, at no more than twice the thumbnail's
+    size: the stored window, else the 1-99th percentiles of the rescaled values;
+    MONOCHROME1 inverted."""
+    stored = ds.pixel_array
+    if stored.ndim == 4 or (stored.ndim == 3 and ds.get("SamplesPerPixel", 1) == 1):
+        stored = stored[0]
+    step = max(1, max(stored.shape[:2]) // (2 * THUMBNAIL_PX))
+    pixels = stored[::step, ::step].astype(np.float64)
     if pixels.ndim == 3:  # colour: luminance
         pixels = pixels[..., :3] @ np.array([0.299, 0.587, 0.114])
     pixels = pixels * float(ds.get("RescaleSlope", 1) or 1) + float(

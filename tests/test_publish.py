@@ -147,3 +147,32 @@ def test_contact_sheet_decodes_compressed_pixel_data(tmp_path):
         assert row["transfer_syntax"] == syntax  # passed through, not re-encoded
         png = thumbnail_png(row["output_path"])
         assert png is not None and png.startswith(b"\x89PNG")
+
+
+def test_thumbnails_of_large_images_are_windowed_from_a_subsample(tmp_path):
+    import numpy as np
+    import pydicom
+
+    from tasks.contact_sheet import _windowed, thumbnail_png
+    from tests.test_deidentify import identified_ct
+
+    src = tmp_path / "large.dcm"
+    identified_ct(src, sop="1.2.80.1")
+    ds = pydicom.dcmread(src)
+    ds.Rows, ds.Columns = 1000, 2100
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ramp = np.tile(np.arange(2100, dtype=np.uint16) * 2, (1000, 1))  # 0 .. 4198, left to right
+    ds.PixelData = ramp.tobytes()
+    ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+    ds.WindowCenter, ds.WindowWidth = 0, 2000  # stored 24 .. 2024 maps to 0 .. 255
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    ds.save_as(src)
+    grey = _windowed(pydicom.dcmread(src))
+    step = 2100 // 256
+    assert grey.shape == (len(range(0, 1000, step)), len(range(0, 2100, step)))
+    expected = 255 - (np.clip((ramp[::step, ::step] - 1024.0 + 1000) / 2000, 0, 1) * 255
+                      ).astype(np.uint8)
+    assert np.abs(grey.astype(int) - expected.astype(int)).max() <= 1
+    assert grey[0, 0] == 255 and grey[0, -1] == 0  # MONOCHROME1: low values are white
+    png = thumbnail_png(str(src))
+    assert png is not None and png.startswith(b"\x89PNG")
