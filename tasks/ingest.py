@@ -191,8 +191,8 @@ def _discover_studies(site: SiteConfig, work_dir: str, published: set[str],
     source = site.source
     plan = pacs.query_plan(source.query, window)
     with pacs.open_client(source) as client:
-        studies = pacs.with_retries(lambda: client.find_studies(plan), source,
-                                    pacs.PacsUnavailable)
+        studies = pacs.with_counts(client, pacs.with_retries(
+            lambda: client.find_studies(plan), source, pacs.PacsUnavailable), source)
     note = pacs.unmatched_accessions(source.query, studies)
     if note and notify:
         notify(note)

@@ -152,6 +152,51 @@ def test_dicomweb_indexes_like_the_files_byte_for_byte(pacs, direct, tmp_path):
                                             expected[r["sop_uid"]]["size"])
 
 
+@pytest.mark.parametrize("kind", ["dimse", "dicomweb"])
+def test_a_pacs_that_reports_no_study_count_is_counted_by_series(pacs, direct, tmp_path,
+                                                                 monkeypatch, kind):
+    from dataclasses import replace
+
+    from tasks.pacs import open_client
+    from tasks.pacs.dicomweb import DicomWebClient
+    from tasks.pacs.dimse import DimseClient
+
+    config = site((dimse_source if kind == "dimse" else dicomweb_source)(
+        pacs, query=CORPUS_WINDOW))
+    with open_client(config.source) as client:
+        reported = client.find_studies(query_plan(config.source.query))
+        assert len(reported) >= 3
+        for study in reported:  # counted series by series, the PACS agrees with itself
+            assert client.count_instances(study.study_uid) == study.instances
+        if kind == "dimse":  # a PACS that counts neither studies nor series: image level
+            from tasks.pacs import dimse
+            real_find = dimse._find
+
+            def find_without_series_counts(assoc, level, keys):
+                answers = real_find(assoc, level, keys)
+                for answer in answers:
+                    if level == "SERIES" and "NumberOfSeriesRelatedInstances" in answer:
+                        del answer.NumberOfSeriesRelatedInstances
+                return answers
+
+            monkeypatch.setattr(dimse, "_find", find_without_series_counts)
+            for study in reported:
+                assert client.count_instances(study.study_uid) == study.instances
+        assert client.count_instances(generate_uid()) == 0
+
+    # the PACS answers study searches without NumberOfStudyRelatedInstances
+    cls = DimseClient if kind == "dimse" else DicomWebClient
+    real_find_studies = cls.find_studies
+    monkeypatch.setattr(cls, "find_studies", lambda self, matches: [
+        replace(s, instances=None) for s in real_find_studies(self, matches)])
+    [batch] = ingest.discover_batches(config, str(tmp_path), set())
+    assert sorted((o.key, o.size) for o in batch.objects) == sorted(
+        (s.study_uid, s.instances) for s in reported)
+    index = ingest.ingest_batch(batch, config.source, str(tmp_path)).index
+    assert sorted(r["sop_uid"] for r in index.to_pylist() if r["status"] == "ok") == sorted(
+        sop for sop, r in direct.items() if in_window(r))
+
+
 def test_modality_query_takes_only_studies_with_that_modality(pacs, direct, tmp_path):
     config = site(dicomweb_source(pacs, query={**CORPUS_WINDOW, "modalities": ["CR", "DX"]}))
     [batch] = ingest.discover_batches(config, str(tmp_path), set())
@@ -296,7 +341,7 @@ def test_a_web_page_instead_of_dicom_json_is_reported(tmp_path):
         Thread(target=server.serve_forever, daemon=True).start()
         source = {"kind": "dicomweb", "url": f"http://127.0.0.1:{server.server_port}",
                   "retries": 0}
-        with pytest.raises(PacsUnavailable, match="not a DICOM JSON list of studies"):
+        with pytest.raises(PacsUnavailable, match="not a DICOM JSON list"):
             ingest.discover_batches(site(source), str(tmp_path / "work"), set())
         server.shutdown()
 

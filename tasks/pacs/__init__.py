@@ -18,11 +18,13 @@ from tasks.pacs.study import (
     query_plan,
     retrieve_study,
     unmatched_accessions,
+    with_counts,
     with_retries,
 )
 
 __all__ = ["PacsStudy", "PacsUnavailable", "RetrieveFailed", "open_client", "query_plan",
-           "retrieve_study", "unmatched_accessions", "with_retries"]
+           "retrieve_study", "unmatched_accessions", "with_counts",
+           "with_retries"]
 
 
 @contextmanager

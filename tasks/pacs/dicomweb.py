@@ -3,6 +3,7 @@ files part by part, in the transfer syntax the PACS stored)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable, Iterable
@@ -19,6 +20,7 @@ for _name in ("httpx", "httpcore"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 
 STUDY_UID = "0020000D"
+SOP_UID = "00080018"
 STUDY_INSTANCES = "00201208"
 ACCESSION = "00080050"  # returned by default at study level (PS3.18 Table 10.6.3-3)
 PAGE = 500
@@ -46,26 +48,41 @@ class DicomWebClient:
         self.http.close()
 
     def find_studies(self, matches: list[dict[str, str]]) -> list[PacsStudy]:
-        """Every study matching any of ``matches`` (QIDO-RS study keys), by UID.
-
-        Pages are asked for until one is empty or brings nothing new, so a server that caps
-        its pages below ours loses nothing and one that ignores ``offset`` cannot loop."""
+        """Every study matching any of ``matches`` (QIDO-RS study keys), by UID."""
         found: dict[str, PacsStudy] = {}
         for keys in matches:
-            offset = 0
-            while True:
-                params = {**keys, "includefield": STUDY_INSTANCES, "limit": PAGE,
-                          "offset": offset}
-                page = [study for item in self._search(params) if (study := _study(item))]
-                if not any(study.study_uid not in found for study in page):
-                    break
-                found.update((study.study_uid, study) for study in page)
-                offset += len(page)
+            for item in self._search_all("/studies", {**keys, "includefield": STUDY_INSTANCES}):
+                if study := _study(item):
+                    found[study.study_uid] = study
         return sorted(found.values())
 
-    def _search(self, params: dict) -> list[dict]:
+    def count_instances(self, study_uid: str) -> int | None:
+        """The study's instances, listed by QIDO-RS, for a PACS that reports no count per
+        study."""
+        return len({uid for item in self._search_all(f"/studies/{study_uid}/instances", {})
+                    if (uid := _value(item, SOP_UID))})
+
+    def _search_all(self, path: str, params: dict) -> list[dict]:
+        """Every item of a QIDO-RS search. Pages are asked for until one is empty or brings
+        nothing new, so a server that caps its pages below ours loses nothing and one that
+        ignores ``offset`` cannot loop."""
+        seen: set[str] = set()
+        found: list[dict] = []
+        while True:
+            page = self._search(path, {**params, "limit": PAGE, "offset": len(found)})
+            new = 0
+            for item in page:
+                key = json.dumps(item, sort_keys=True)
+                if key not in seen:
+                    seen.add(key)
+                    found.append(item)
+                    new += 1
+            if not new:
+                return found
+
+    def _search(self, path: str, params: dict) -> list[dict]:
         try:
-            reply = self.http.get("/studies", params=params, headers={
+            reply = self.http.get(path, params=params, headers={
                 "Accept": "application/dicom+json"})
         except httpx.TransportError as err:
             raise PacsUnavailable(f"QIDO-RS at {self.location}: {type(err).__name__}") from None
@@ -80,7 +97,7 @@ class DicomWebClient:
             found = None
         if not isinstance(found, list) or not all(isinstance(i, dict) for i in found):
             raise PacsUnavailable(f"QIDO-RS at {self.location}: the answer is not a DICOM JSON "
-                                  "list of studies (is the url the DICOMweb root?)")
+                                  "list (is the url the DICOMweb root?)")
         return found
 
     def retrieve(self, study_uid: str, folder: Path) -> None:
@@ -101,14 +118,18 @@ class DicomWebClient:
             raise RetrieveFailed(f"WADO-RS: {type(err).__name__}") from None
 
 
+def _value(item: dict, tag: str):
+    """The first value of ``tag`` in a DICOM JSON item, or None."""
+    return (item.get(tag, {}).get("Value") or [None])[0]
+
+
 def _study(item: dict) -> PacsStudy | None:
-    uid = (item.get(STUDY_UID, {}).get("Value") or [None])[0]
+    uid = _value(item, STUDY_UID)
     if not uid:
         return None
-    count = (item.get(STUDY_INSTANCES, {}).get("Value") or [None])[0]
-    accession = (item.get(ACCESSION, {}).get("Value") or [None])[0]
+    count = _value(item, STUDY_INSTANCES)
     return PacsStudy(uid, int(count) if count is not None else None,
-                     str(accession or "").strip() or None)
+                     str(_value(item, ACCESSION) or "").strip() or None)
 
 
 def multipart_boundary(content_type: str) -> bytes:

@@ -82,25 +82,39 @@ class DimseClient:
         assoc = self._associate()
         try:
             for keys in matches:
-                query = Dataset()
-                query.QueryRetrieveLevel = "STUDY"
-                query.StudyInstanceUID = ""
-                query.NumberOfStudyRelatedInstances = ""
-                query.AccessionNumber = ""
-                for keyword, value in keys.items():
-                    setattr(query, keyword, value)
-                for status, identifier in assoc.send_c_find(
-                        query, StudyRootQueryRetrieveInformationModelFind):
-                    code = status.get("Status") if status else None
-                    if code in PENDING and identifier is not None:
-                        study = _study(identifier)
-                        if study:
-                            found[study.study_uid] = study
-                    elif code != SUCCESS:
-                        raise PacsUnavailable(_status_text("C-FIND", code))
+                wanted = {"StudyInstanceUID": "", "NumberOfStudyRelatedInstances": "",
+                          "AccessionNumber": "", **keys}
+                for identifier in _find(assoc, "STUDY", wanted):
+                    if study := _study(identifier):
+                        found[study.study_uid] = study
         finally:
             assoc.release()
         return sorted(found.values())
+
+    def count_instances(self, study_uid: str) -> int | None:
+        """The study's instances, counted series by series (series-level C-FIND, and image
+        level for a series that reports no count), for a PACS that reports none per study;
+        None when a series comes back without its UID."""
+        assoc = self._associate()
+        try:
+            total = 0
+            for series in _find(assoc, "SERIES", {"StudyInstanceUID": study_uid,
+                                                  "SeriesInstanceUID": "",
+                                                  "NumberOfSeriesRelatedInstances": ""}):
+                count = series.get("NumberOfSeriesRelatedInstances")
+                series_uid = str(series.get("SeriesInstanceUID") or "").strip()
+                if count not in (None, ""):
+                    total += int(count)
+                elif series_uid:
+                    images = _find(assoc, "IMAGE", {"StudyInstanceUID": study_uid,
+                                                    "SeriesInstanceUID": series_uid,
+                                                    "SOPInstanceUID": ""})
+                    total += len({str(i.get("SOPInstanceUID") or "") for i in images} - {""})
+                else:
+                    return None
+            return total
+        finally:
+            assoc.release()
 
     def retrieve(self, study_uid: str, folder: Path) -> None:
         """C-MOVE one study to our storage SCP, whose handler writes it into ``folder``."""
@@ -148,6 +162,22 @@ class DimseClient:
         except OSError:
             return OUT_OF_RESOURCES
         return SUCCESS
+
+
+def _find(assoc, level: str, keys: dict[str, str]) -> list[Dataset]:
+    """The identifiers a Study Root C-FIND at ``level`` answers with."""
+    query = Dataset()
+    query.QueryRetrieveLevel = level
+    for keyword, value in keys.items():
+        setattr(query, keyword, value)
+    found = []
+    for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
+        code = status.get("Status") if status else None
+        if code in PENDING and identifier is not None:
+            found.append(identifier)
+        elif code != SUCCESS:
+            raise PacsUnavailable(_status_text("C-FIND", code))
+    return found
 
 
 def _study(identifier: Dataset) -> PacsStudy | None:

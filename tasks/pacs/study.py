@@ -8,7 +8,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -36,6 +36,8 @@ class PacsStudy:
 
 class PacsClient(Protocol):
     def find_studies(self, matches: list[dict[str, str]]) -> list[PacsStudy]: ...
+
+    def count_instances(self, study_uid: str) -> int | None: ...
 
     def retrieve(self, study_uid: str, folder: Path) -> None: ...
 
@@ -112,6 +114,16 @@ def with_retries(action: Callable[[], T], source: PacsSourceConfig,
         if attempt + 1 < attempts:
             sleep(source.backoff_seconds * 2 ** attempt)
     raise failure(f"{last} (after {attempts} attempts)")
+
+
+def with_counts(client: PacsClient, studies: list[PacsStudy],
+                source: PacsSourceConfig) -> list[PacsStudy]:
+    """``studies``, each that came without an instance count counted series by series, so
+    that a complete retrieve can still be told from a partial one."""
+    return [study if study.instances is not None else replace(
+        study, instances=with_retries(lambda uid=study.study_uid: client.count_instances(uid),
+                                      source, PacsUnavailable))
+            for study in studies]
 
 
 def retrieve_study(client: PacsClient, study: PacsStudy, folder: Path,
