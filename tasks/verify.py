@@ -6,9 +6,11 @@ structure against the profile. Findings name the file and the element, never the
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -17,6 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID_dictionary
 
 from tasks.deidentify.profile import Profile
+from tasks.publish import Release
 
 MIN_WORD = 3
 MIN_NUMBER = 5
@@ -95,13 +98,27 @@ class IdentifierMatcher:
 HEAD_READ = 1 << 16
 
 
-def header_bytes(path: str) -> bytes:
+DicomSource = str | BinaryIO  # a local path, or a file opened for reading (any filesystem)
+
+
+@contextmanager
+def _opened(source: DicomSource) -> Iterator[BinaryIO]:
+    """``source`` open for reading from its first byte."""
+    if isinstance(source, str):
+        with open(source, "rb") as fh:
+            yield fh
+    else:
+        source.seek(0)
+        yield source
+
+
+def header_bytes(source: DicomSource) -> bytes:
     """A DICOM file's bytes before its pixel data (the whole file if it has none).
 
     Headers are small: the first 64 KiB usually hold the pixel data tag, so the pixels are
     not read at all; otherwise the whole file is read and the last such tag taken.
     """
-    with open(path, "rb") as fh:
+    with _opened(source) as fh:
         head = fh.read(HEAD_READ)
         cut = head.find(b"\xe0\x7f\x10\x00O")
         if cut > 0:
@@ -121,9 +138,10 @@ def _element_values(ds: Dataset):
         yield elem.keyword or str(elem.tag), text
 
 
-def locate(path: str, matcher: IdentifierMatcher) -> list[str]:
+def locate(source: DicomSource, matcher: IdentifierMatcher) -> list[str]:
     """The elements (by keyword or tag, nested and private included) that hold a match."""
-    ds = dcmread(path, stop_before_pixels=True, force=True)
+    with _opened(source) as fh:
+        ds = dcmread(fh, stop_before_pixels=True, force=True)
     found = [name for name, value in _element_values(ds) if matcher.in_text(value)]
     meta = getattr(ds, "file_meta", None)
     if meta is not None:
@@ -131,11 +149,13 @@ def locate(path: str, matcher: IdentifierMatcher) -> list[str]:
     return sorted(set(found)) or ["(raw bytes)"]
 
 
-def scan_dicom_file(path: str, shown_as: str, matcher: IdentifierMatcher) -> list[Finding]:
+def scan_dicom_file(source: DicomSource, shown_as: str,
+                    matcher: IdentifierMatcher) -> list[Finding]:
     """Identifier findings in one DICOM file's header (nested and private elements included)."""
-    if not matcher.in_bytes(header_bytes(path)):
+    if not matcher.in_bytes(header_bytes(source)):
         return []
-    return [Finding(shown_as, element, "identifying value") for element in locate(path, matcher)]
+    return [Finding(shown_as, element, "identifying value")
+            for element in locate(source, matcher)]
 
 
 def scan_outputs(files: Iterable[tuple[str, str]], matcher: IdentifierMatcher) -> list[Finding]:
@@ -170,9 +190,10 @@ def scan_text(where: str, lines: Iterable[str], matcher: IdentifierMatcher) -> l
             for i, line in enumerate(lines) if matcher.in_text(line)]
 
 
-def check_structure(path: str, shown_as: str, profile: Profile) -> list[Finding]:
+def check_structure(source: DicomSource, shown_as: str, profile: Profile) -> list[Finding]:
     """What the profile promises about any output file, checked without knowing the source."""
-    ds = dcmread(path, stop_before_pixels=True)
+    with _opened(source) as fh:
+        ds = dcmread(fh, stop_before_pixels=True)
     out = []
 
     def bad(element: str, what: str) -> None:
@@ -220,19 +241,28 @@ def raise_if_found(findings: list[Finding], limit: int = 20) -> None:
                     f"published:\n  {shown}{more}")
 
 
-def scan_release_files(root: Path, matcher: IdentifierMatcher | None,
-                       profile: Profile) -> list[Finding]:
-    """Every DICOM file under ``root/dicom`` and every path under ``root``."""
+def scan_release_files(release: Release, matcher: IdentifierMatcher | None,
+                       profile: Profile) -> tuple[int, list[Finding]]:
+    """Every path of a release (local or remote) and the header of every DICOM file in it:
+    how many DICOM files were checked, and the findings. Headers are read, pixels are not."""
     findings: list[Finding] = []
-    for path in sorted(root.rglob("*")):
-        rel = str(path.relative_to(root))
+    checked = 0
+    release.fs.invalidate_cache()  # what is there now, not what an earlier listing saw
+    for path in sorted(release.fs.find(release.root)):
+        rel = path[len(release.root) + 1:]
         if matcher is not None:
             findings += scan_names([rel], matcher)
-        if path.suffix == ".dcm":
-            findings += check_structure(str(path), rel, profile)
-            if matcher is not None:
-                findings += scan_dicom_file(str(path), rel, matcher)
-    return findings
+        if rel.endswith(".dcm"):
+            checked += 1
+            with release.fs.open(path, "rb") as fh:
+                findings += check_structure(fh, rel, profile)
+                if matcher is not None:
+                    findings += scan_dicom_file(fh, rel, matcher)
+    if matcher is not None:
+        for path in sorted(release.fs.glob(release.path("catalog/**/*.parquet"))):
+            table = pq.read_table(path, filesystem=release.fs)
+            findings += scan_table(path[len(release.root) + 1:], table, matcher)
+    return checked, findings
 
 
 def read_identifiers(paths: Iterable[Path]) -> IdentifierMatcher:

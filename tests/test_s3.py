@@ -4,8 +4,11 @@ through s3fs, index exactly as the same batches read from a local folder."""
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 
+import pyarrow.parquet as pq
+import pydicom
 import pytest
 
 from schemas.config import SiteConfig
@@ -158,3 +161,24 @@ def test_nightly_publishes_to_s3_as_to_a_folder_and_duckdb_reads_it_there(
     result = CliRunner().invoke(app, ["query", url, "select count(*) as n from instances"])
     assert result.exit_code == 0, result.output
     assert str(sum(n for *_, n, _ in want)) in result.output
+
+    # verify reads the release in the bucket, headers only, as it reads a folder
+    files = sum(1 for p in published if p.endswith(".dcm"))
+    local_check = CliRunner().invoke(app, ["verify", str(tmp_path / "release"),
+                                           "--work", str(tmp_path / "work-local")])
+    remote_check = CliRunner().invoke(app, ["verify", url, "--work", str(tmp_path / "work-s3")])
+    assert remote_check.exit_code == local_check.exit_code == 0, remote_check.output
+    assert f"{files} DICOM files checked, 0 finding(s)" in remote_check.output
+    name = next(v for v in pq.read_table(next((tmp_path / "work-s3").glob(
+        "*/index/*.identifiers.parquet"))).column("value").to_pylist()
+        if v.isalpha() and len(v) >= 4)
+    key = next(p for p in sorted(published) if p.endswith(".dcm"))
+    ds = pydicom.dcmread(io.BytesIO(fs.cat_file(f"radrepo-release/v1/{key}")))
+    ds.StudyDescription = f"follow-up {name}"
+    out = io.BytesIO()
+    ds.save_as(out)
+    fs.pipe_file(f"radrepo-release/v1/{key}", out.getvalue())
+    leaked = CliRunner().invoke(app, ["verify", url, "--work", str(tmp_path / "work-s3")])
+    assert leaked.exit_code == 1
+    assert f"{key}: StudyDescription: identifying value" in leaked.output
+    assert name not in leaked.output
