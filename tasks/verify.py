@@ -254,7 +254,8 @@ def scan_release_files(release: Release, matcher: IdentifierMatcher | None,
             findings += scan_names([rel], matcher)
         if rel.endswith(".dcm"):
             checked += 1
-            with release.fs.open(path, "rb") as fh:
+            # small blocks: a remote file's pixel data is not fetched
+            with release.fs.open(path, "rb", block_size=HEAD_READ) as fh:
                 findings += check_structure(fh, rel, profile)
                 if matcher is not None:
                     findings += scan_dicom_file(fh, rel, matcher)
