@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 from datetime import date
 from pathlib import Path
 
@@ -438,21 +439,23 @@ def keep_open(into: list) -> io.BytesIO:
 
 
 def test_nightly_over_a_pacs_takes_only_what_is_new(pacs, direct, corpus, prefect_server,
-                                                    dask_scheduler, tmp_path):
+                                                    dask_scheduler, tmp_path, capfd):
     from flows.nightly import backfill, nightly
     from schemas.config import parse_config
 
     corpus_dir, truth = corpus
     info = truth["sites"][PACS_SITE]
-    config = parse_config({
-        "release": str(tmp_path / "release"), "work_dir": str(tmp_path / "work"),
-        "dask": {"scheduler": dask_scheduler},
-        "sites": [{"site_id": PACS_SITE,
-                   "source": dimse_source(pacs, query={"since": "2019-01-01",
-                                                       "until": "2021-12-31"}),
-                   "clinical": {"path": str(corpus_dir / info["clinical"])},
-                   "id_remap": str(corpus_dir / info["remap"])}],
-    }, tmp_path)
+
+    def config_for(query: dict):
+        return parse_config({
+            "release": str(tmp_path / "release"), "work_dir": str(tmp_path / "work"),
+            "dask": {"scheduler": dask_scheduler},
+            "sites": [{"site_id": PACS_SITE, "source": dimse_source(pacs, query=query),
+                       "clinical": {"path": str(corpus_dir / info["clinical"])},
+                       "id_remap": str(corpus_dir / info["remap"])}],
+        }, tmp_path)
+
+    config = config_for({"since": "2019-01-01", "until": "2021-12-31"})
     in_pacs = sum(1 for r in direct.values() if in_window(r))
 
     [first] = nightly(config)
@@ -467,6 +470,17 @@ def test_nightly_over_a_pacs_takes_only_what_is_new(pacs, direct, corpus, prefec
     assert third["batch_id"] != first["batch_id"]
     assert third["files_in"] == 2 and third["skipped_already_ingested"] == in_pacs
     assert third["published"] + third["excluded"] + third["quarantined"] == 2
+
+    # an accession list naming a number no study has: one warning, by line, never the number
+    listed = tmp_path / "accessions.txt"
+    listed.write_text("RRNEW01\nRRMISSING9\n")
+    capfd.readouterr()
+    assert nightly(config_for({"accession_list": str(listed)})) == []  # all received already
+    log = capfd.readouterr().err  # Prefect's console log of the flow run
+    assert (f"WARNING | Flow run {{name}} - site {PACS_SITE}: 1 of 2 accession numbers "
+            "matched no study (accession list lines 2)") in re.sub(r"Flow run '[^']+'",
+                                                                    "Flow run {name}", log)
+    assert "RRMISSING9" not in log
 
     # a backfill asks the PACS again for the window's studies and takes them on purpose
     [again] = backfill(config, since=date(2021, 1, 1), until=date(2021, 12, 31))
