@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import re
 import shutil
@@ -211,17 +210,16 @@ def main() -> None:
     scratch = args.out / "scratch"
     files = sum(1 for p in corpus.rglob("*.dcm"))
     corpus_mb = sum(p.stat().st_size for p in corpus.rglob("*.dcm")) / 1e6
-    from distributed import LocalCluster
     from prefect.testing.utilities import prefect_test_harness
+
+    from flows.cluster import local_cluster
 
     runs: dict[str, object] = {"cp -r": lambda: time_cp(corpus, scratch)}
     index = radrepo_index(corpus, fresh(scratch / "index-work"))
     with ExitStack() as stack:
         clusters = {}
         for workers in (1, 2):
-            cluster = stack.enter_context(LocalCluster(
-                n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                dashboard_address=None, silence_logs=logging.WARNING))
+            cluster = stack.enter_context(local_cluster(workers))
             clusters[workers] = (cluster, stack.enter_context(cluster.get_client()))
         stack.enter_context(prefect_test_harness(server_startup_timeout=120))
         for workers, (_, client) in clusters.items():

@@ -11,6 +11,20 @@ from distributed import Client, LocalCluster
 from schemas.config import DaskConfig
 
 
+def local_cluster(workers: int, threads_per_worker: int = 1) -> LocalCluster:
+    """A cluster of worker processes on this machine that listens on 127.0.0.1 only (its
+    HTTP routes on a free loopback port, no dashboard)."""
+    return LocalCluster(
+        n_workers=workers,
+        threads_per_worker=threads_per_worker,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address="127.0.0.1:0",
+        scheduler_kwargs={"dashboard": False},
+        silence_logs=logging.WARNING,
+    )
+
+
 @contextmanager
 def dask_client(cfg: DaskConfig, scheduler: str | None = None) -> Iterator[Client]:
     """A client on ``scheduler`` (or the configured one); else a LocalCluster on 127.0.0.1."""
@@ -19,12 +33,6 @@ def dask_client(cfg: DaskConfig, scheduler: str | None = None) -> Iterator[Clien
         with Client(address) as client:
             yield client
         return
-    with LocalCluster(
-        n_workers=cfg.workers,
-        threads_per_worker=cfg.threads_per_worker,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address=None,
-        silence_logs=logging.WARNING,
-    ) as cluster, Client(cluster) as client:
+    with local_cluster(cfg.workers, cfg.threads_per_worker) as cluster, \
+            Client(cluster) as client:
         yield client

@@ -35,12 +35,9 @@ def prefect_server():
 @pytest.fixture(scope="session")
 def dask_scheduler():
     """A real two-worker distributed cluster on 127.0.0.1; yields the scheduler address."""
-    import logging
+    from flows.cluster import local_cluster
 
-    from distributed import LocalCluster
-
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address=None, silence_logs=logging.WARNING) as cluster:
+    with local_cluster(2) as cluster:
         yield cluster.scheduler_address
 
 
