@@ -403,6 +403,9 @@ def _ingest_studies(objects: _Objects, source, received: Path) -> None:
     again; they stay there until a published batch holds them."""
     with pacs.open_client(source, receive=True) as client:
         for obj in objects.batch.objects:
+            if not pacs.well_formed_uid(obj.key):
+                objects.quarantine(obj.key, pacs.MALFORMED_UID)
+                continue
             study = pacs.PacsStudy(obj.key, obj.size if obj.size >= 0 else None)
             folder = _received_folder(received, obj.key)
             try:

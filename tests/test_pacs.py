@@ -297,6 +297,37 @@ def test_debug_logging_quotes_no_identifier(pacs, direct, tmp_path, caplog, kind
         assert value not in caplog.text  # ...but no identifier
 
 
+def test_a_study_with_a_malformed_uid_is_quarantined_never_asked_for(pacs, direct, tmp_path):
+    from tasks.pacs import MALFORMED_UID
+
+    weird, fine = "1.2.3/../../etc", "1.2.826.0.1.3680043.10.1204.7"
+    ds = pydicom.dcmread(cr_template(direct))
+    ds.StudyDate = "19980607"
+    paths, sops = [], []
+    for n, study in enumerate((weird, fine)):
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, generate_uid()
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        paths.append(tmp_path / f"{n}.dcm")
+        sops.append(ds.SOPInstanceUID)
+        ds.save_as(paths[-1], enforce_file_format=True)
+    assert set(pacs.server.upload(paths).values()) == {"Success"}  # the PACS took it as is
+    try:
+        for kind, make in (("dimse", dimse_source), ("dicomweb", dicomweb_source)):
+            work = tmp_path / kind
+            config = site(make(pacs, query={"since": "1998-06-07", "until": "1998-06-07"}))
+            [batch] = ingest.discover_batches(config, str(work), set())
+            assert sorted(o.key for o in batch.objects) == sorted([weird, fine])
+            rows = ingest.ingest_batch(batch, config.source, str(work)).index.to_pylist()
+            assert [(r["key"], r["reason"]) for r in rows if r["status"] == "quarantined"] == [
+                (weird, MALFORMED_UID)]
+            assert [r["study_uid"] for r in rows if r["status"] == "ok"] == [fine]
+            assert not (tmp_path / "etc").exists()
+            assert all(".." not in p.name for p in work.rglob("*"))
+    finally:
+        for sop in sops:
+            pacs.server.delete_instance(sop)
+
+
 def test_unreachable_pacs_is_retried_then_reported(tmp_path):
     port = free_port()  # nothing listens there
     sources = {

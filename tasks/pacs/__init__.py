@@ -11,6 +11,7 @@ from schemas.config import DicomWebSourceConfig, DimseSourceConfig
 from tasks.pacs.dicomweb import DicomWebClient
 from tasks.pacs.dimse import DimseClient
 from tasks.pacs.study import (
+    MALFORMED_UID,
     PacsClient,
     PacsStudy,
     PacsUnavailable,
@@ -18,13 +19,14 @@ from tasks.pacs.study import (
     query_plan,
     retrieve_study,
     unmatched_accessions,
+    well_formed_uid,
     with_counts,
     with_retries,
 )
 
-__all__ = ["PacsStudy", "PacsUnavailable", "RetrieveFailed", "open_client", "query_plan",
-           "retrieve_study", "unmatched_accessions", "with_counts",
-           "with_retries"]
+__all__ = ["MALFORMED_UID", "PacsStudy", "PacsUnavailable", "RetrieveFailed", "open_client",
+           "query_plan", "retrieve_study", "unmatched_accessions", "well_formed_uid",
+           "with_counts", "with_retries"]
 
 
 @contextmanager

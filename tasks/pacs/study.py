@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -17,6 +18,14 @@ from schemas.config import PacsSourceConfig, StudyQuery
 
 T = TypeVar("T")
 COMPLETE_MARKER = "complete.json"
+UID_SYNTAX = re.compile(r"[0-9]+(?:\.[0-9]+)*")
+MALFORMED_UID = "the PACS gave a malformed Study Instance UID; not retrieved"
+
+
+def well_formed_uid(uid: str) -> bool:
+    """A UID as PS3.5 9.1 writes them (digits and dots, at most 64 characters): only such a
+    UID from a PACS is put into a query, a URL or the ledger."""
+    return len(uid) <= 64 and UID_SYNTAX.fullmatch(uid) is not None
 
 
 class PacsUnavailable(RuntimeError):
@@ -120,7 +129,8 @@ def with_counts(client: PacsClient, studies: list[PacsStudy],
                 source: PacsSourceConfig) -> list[PacsStudy]:
     """``studies``, each that came without an instance count counted series by series, so
     that a complete retrieve can still be told from a partial one."""
-    return [study if study.instances is not None else replace(
+    return [study if study.instances is not None or not well_formed_uid(study.study_uid)
+            else replace(
         study, instances=with_retries(lambda uid=study.study_uid: client.count_instances(uid),
                                       source, PacsUnavailable))
             for study in studies]
