@@ -24,15 +24,26 @@ def _first(value) -> float:
     return float(value[0] if isinstance(value, MultiValue | list | tuple) else value)
 
 
+def _mean_pooled(pixels: np.ndarray, step: int) -> np.ndarray:
+    """``pixels`` averaged over ``step`` x ``step`` blocks (edges that do not fill a block
+    dropped), as float: thin burned-in text fades but does not vanish, as it would when
+    striding."""
+    if step <= 1:
+        return pixels.astype(np.float64)
+    rows, cols = (pixels.shape[0] // step) * step, (pixels.shape[1] // step) * step
+    blocks = pixels[:rows, :cols].reshape(rows // step, step, cols // step, step,
+                                          *pixels.shape[2:])
+    return blocks.mean(axis=(1, 3))
+
+
 def _windowed(ds) -> np.ndarray:
-    """8-bit greyscale of the image's first frame, at no more than twice the thumbnail's
-    size: the stored window, else the 1-99th percentiles of the rescaled values;
+    """8-bit greyscale of the image's first frame, averaged down to no more than twice the
+    thumbnail's size: the stored window, else the 1-99th percentiles of the rescaled values;
     MONOCHROME1 inverted."""
     stored = ds.pixel_array
     if stored.ndim == 4 or (stored.ndim == 3 and ds.get("SamplesPerPixel", 1) == 1):
         stored = stored[0]
-    step = max(1, max(stored.shape[:2]) // (2 * THUMBNAIL_PX))
-    pixels = stored[::step, ::step].astype(np.float64)
+    pixels = _mean_pooled(stored, -(-max(stored.shape[:2]) // (2 * THUMBNAIL_PX)))
     if pixels.ndim == 3:  # colour: luminance
         pixels = pixels[..., :3] @ np.array([0.299, 0.587, 0.114])
     pixels = pixels * float(ds.get("RescaleSlope", 1) or 1) + float(

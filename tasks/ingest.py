@@ -191,9 +191,10 @@ def _discover_studies(site: SiteConfig, work_dir: str, published: set[str],
     source = site.source
     plan = pacs.query_plan(source.query, window)
     with pacs.open_client(source) as client:
-        studies = pacs.with_counts(client, pacs.with_retries(
-            lambda: client.find_studies(plan), source, pacs.PacsUnavailable), source)
-    note = pacs.unmatched_accessions(source.query, studies)
+        answers = pacs.with_retries(lambda: client.find_studies(plan), source,
+                                    pacs.PacsUnavailable)
+        studies = pacs.with_counts(client, pacs.merged(answers), source)
+    note = pacs.unmatched_accessions(source.query, plan, answers)
     if note and notify:
         notify(note)
     received = Counter(row["key"].split("/", 1)[0]
@@ -457,9 +458,11 @@ def record_ingested(batch: BatchRef, index: pa.Table, work_dir: str) -> None:
     or for a PACS batch the objects received (from the index)."""
     ledger = read_ledger(work_dir, batch.site_id).to_pylist()
     if batch.pacs:  # every object of the studies received whole, whatever became of it
+        asked = {o.key for o in batch.objects if pacs.well_formed_uid(o.key)}
         rows = [{"key": r["key"], "size": r["size"], "mtime_ns": 0, "sha256": r["sha256"],
                  "batch_id": batch.batch_id}
-                for r in index.select(["key", "size", "sha256"]).to_pylist() if "/" in r["key"]]
+                for r in index.select(["key", "size", "sha256"]).to_pylist()
+                if "/" in r["key"] and r["key"].split("/", 1)[0] in asked]
         studies = {r["key"].split("/", 1)[0] for r in rows}
         kept = [r for r in ledger if r["key"].split("/", 1)[0] not in studies]
     else:

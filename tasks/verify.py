@@ -5,6 +5,7 @@ structure against the profile. Findings name the file and the element, never the
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -98,13 +99,13 @@ class IdentifierMatcher:
 HEAD_READ = 1 << 16
 
 
-DicomSource = str | BinaryIO  # a local path, or a file opened for reading (any filesystem)
+DicomSource = str | os.PathLike | BinaryIO  # a local path, or a file open for reading
 
 
 @contextmanager
 def _opened(source: DicomSource) -> Iterator[BinaryIO]:
     """``source`` open for reading from its first byte."""
-    if isinstance(source, str):
+    if isinstance(source, str | os.PathLike):
         with open(source, "rb") as fh:
             yield fh
     else:
@@ -248,10 +249,13 @@ def scan_release_files(release: Release, matcher: IdentifierMatcher | None,
     findings: list[Finding] = []
     checked = 0
     release.fs.invalidate_cache()  # what is there now, not what an earlier listing saw
+    catalog_parts = []
     for path in sorted(release.fs.find(release.root)):
         rel = path[len(release.root) + 1:]
         if matcher is not None:
             findings += scan_names([rel], matcher)
+        if rel.startswith("catalog/") and rel.endswith(".parquet"):
+            catalog_parts.append((path, rel))
         if rel.endswith(".dcm"):
             checked += 1
             # small blocks: a remote file's pixel data is not fetched
@@ -260,9 +264,8 @@ def scan_release_files(release: Release, matcher: IdentifierMatcher | None,
                 if matcher is not None:
                     findings += scan_dicom_file(fh, rel, matcher)
     if matcher is not None:
-        for path in sorted(release.fs.glob(release.path("catalog/**/*.parquet"))):
-            table = pq.read_table(path, filesystem=release.fs)
-            findings += scan_table(path[len(release.root) + 1:], table, matcher)
+        for path, rel in catalog_parts:
+            findings += scan_table(rel, pq.read_table(path, filesystem=release.fs), matcher)
     return checked, findings
 
 

@@ -157,14 +157,14 @@ def test_a_pacs_that_reports_no_study_count_is_counted_by_series(pacs, direct, t
                                                                  monkeypatch, kind):
     from dataclasses import replace
 
-    from tasks.pacs import open_client
+    from tasks.pacs import merged, open_client
     from tasks.pacs.dicomweb import DicomWebClient
     from tasks.pacs.dimse import DimseClient
 
     config = site((dimse_source if kind == "dimse" else dicomweb_source)(
         pacs, query=CORPUS_WINDOW))
     with open_client(config.source) as client:
-        reported = client.find_studies(query_plan(config.source.query))
+        reported = merged(client.find_studies(query_plan(config.source.query)))
         assert len(reported) >= 3
         for study in reported:  # counted series by series, the PACS agrees with itself
             assert client.count_instances(study.study_uid) == study.instances
@@ -188,7 +188,8 @@ def test_a_pacs_that_reports_no_study_count_is_counted_by_series(pacs, direct, t
     cls = DimseClient if kind == "dimse" else DicomWebClient
     real_find_studies = cls.find_studies
     monkeypatch.setattr(cls, "find_studies", lambda self, matches: [
-        replace(s, instances=None) for s in real_find_studies(self, matches)])
+        [replace(s, instances=None) for s in answer]
+        for answer in real_find_studies(self, matches)])
     [batch] = ingest.discover_batches(config, str(tmp_path), set())
     assert sorted((o.key, o.size) for o in batch.objects) == sorted(
         (s.study_uid, s.instances) for s in reported)
@@ -441,9 +442,31 @@ def test_retries_back_off_exponentially_then_give_up():
 def test_a_study_without_a_reported_count_is_not_taken_on_trust(tmp_path):
     from schemas.config import PacsSourceConfig
 
-    with pytest.raises(RetrieveFailed, match="did not report the study's instance count"):
+    with pytest.raises(RetrieveFailed, match="reported no instance count for the study"):
         retrieve_study(None, PacsStudy("1.2.3", None), tmp_path / "s", PacsSourceConfig())
     assert not (tmp_path / "s").exists()
+
+
+def test_a_study_that_cannot_be_counted_stays_without_a_count():
+    from schemas.config import PacsSourceConfig
+    from tasks.pacs import with_counts
+
+    class CountingPacs:  # how a PACS answers the series-by-series count, study by study
+        answers = {"1.1": 4, "1.2": 0, "1.3": None, "1.4": PacsUnavailable("C-FIND 0xC000")}
+
+        def count_instances(self, uid):
+            answer = self.answers[uid]
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+    studies = [PacsStudy(uid, None) for uid in ("1.1", "1.2", "1.3", "1.4")]
+    studies += [PacsStudy("1.5", 7), PacsStudy("1/../5", None)]
+    counted = with_counts(CountingPacs(), studies, PacsSourceConfig(retries=0))
+    # a listed study counting to nothing, or not countable, is not dropped: its retrieve is
+    # refused with a reason; one study's failure does not stop the others
+    assert [(s.study_uid, s.instances) for s in counted] == [
+        ("1.1", 4), ("1.2", None), ("1.3", None), ("1.4", None), ("1.5", 7), ("1/../5", None)]
 
 
 def test_multipart_parts_survive_any_chunking():

@@ -149,7 +149,7 @@ def test_contact_sheet_decodes_compressed_pixel_data(tmp_path):
         assert png is not None and png.startswith(b"\x89PNG")
 
 
-def test_thumbnails_of_large_images_are_windowed_from_a_subsample(tmp_path):
+def test_thumbnails_of_large_images_are_averaged_down_before_windowing(tmp_path):
     import numpy as np
     import pydicom
 
@@ -162,17 +162,20 @@ def test_thumbnails_of_large_images_are_windowed_from_a_subsample(tmp_path):
     ds.Rows, ds.Columns = 1000, 2100
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
     ramp = np.tile(np.arange(2100, dtype=np.uint16) * 2, (1000, 1))  # 0 .. 4198, left to right
+    ramp[501, :] = 4000  # one thin line of burned-in text, on an odd row
     ds.PixelData = ramp.tobytes()
     ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
     ds.WindowCenter, ds.WindowWidth = 0, 2000  # stored 24 .. 2024 maps to 0 .. 255
     ds.PhotometricInterpretation = "MONOCHROME1"
     ds.save_as(src)
     grey = _windowed(pydicom.dcmread(src))
-    step = 2100 // 256
-    assert grey.shape == (len(range(0, 1000, step)), len(range(0, 2100, step)))
-    expected = 255 - (np.clip((ramp[::step, ::step] - 1024.0 + 1000) / 2000, 0, 1) * 255
-                      ).astype(np.uint8)
+    step = 9  # 2100 / 256, rounded up: at most twice the 128-pixel thumbnail
+    assert grey.shape == (1000 // step, 2100 // step)
+    blocks = ramp[:999, :2097].reshape(111, step, 233, step).mean(axis=(1, 3))
+    expected = 255 - (np.clip((blocks - 1024.0 + 1000) / 2000, 0, 1) * 255).astype(np.uint8)
     assert np.abs(grey.astype(int) - expected.astype(int)).max() <= 1
     assert grey[0, 0] == 255 and grey[0, -1] == 0  # MONOCHROME1: low values are white
+    line = 501 // step
+    assert (grey[line, :50] < grey[line - 1, :50]).all()  # the line still shows
     png = thumbnail_png(str(src))
     assert png is not None and png.startswith(b"\x89PNG")

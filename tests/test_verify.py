@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import shutil
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pydicom
 import pytest
 from typer.testing import CliRunner
@@ -102,14 +104,20 @@ def test_verify_command_on_a_release(prefect_server, tmp_path):
     clean = runner.invoke(app, ["verify", str(release), "--work", str(work)])
     assert clean.exit_code == 0 and "1 DICOM files checked, 0 finding(s)" in clean.output
 
-    broken = tmp_path / "broken"
+    broken = tmp_path / "broken[1]"  # a name that is no glob pattern: every file is read
     shutil.copytree(release, broken)
     [dcm] = list(broken.rglob("*.dcm"))
     ds = pydicom.dcmread(dcm)
     ds.StudyDescription = "CT for DOE JANE"
     ds.save_as(dcm)
+    [studies] = list((broken / "catalog" / "studies").rglob("*.parquet"))
+    table = pq.read_table(studies)
+    column = table.schema.get_field_index("description")
+    pq.write_table(table.set_column(column, "description", pa.array(
+        ["CT for DOE JANE"] * table.num_rows, pa.string())), studies)
     result = runner.invoke(app, ["verify", str(broken), "--work", str(work)])
     assert result.exit_code == 1 and "StudyDescription: identifying value" in result.output
+    assert f"catalog {studies.relative_to(broken)} row 0: description" in result.output
     assert "JANE" not in result.output
 
 

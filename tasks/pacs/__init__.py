@@ -16,6 +16,7 @@ from tasks.pacs.study import (
     PacsStudy,
     PacsUnavailable,
     RetrieveFailed,
+    merged,
     query_plan,
     retrieve_study,
     unmatched_accessions,
@@ -24,8 +25,8 @@ from tasks.pacs.study import (
     with_retries,
 )
 
-__all__ = ["MALFORMED_UID", "PacsStudy", "PacsUnavailable", "RetrieveFailed", "open_client",
-           "query_plan", "retrieve_study", "unmatched_accessions", "well_formed_uid",
+__all__ = ["MALFORMED_UID", "PacsStudy", "PacsUnavailable", "RetrieveFailed", "merged",
+           "open_client", "query_plan", "retrieve_study", "unmatched_accessions", "well_formed_uid",
            "with_counts", "with_retries"]
 
 

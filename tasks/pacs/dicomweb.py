@@ -3,7 +3,6 @@ files part by part, in the transfer syntax the PACS stored)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Iterable
@@ -47,38 +46,32 @@ class DicomWebClient:
     def __exit__(self, *exc) -> None:
         self.http.close()
 
-    def find_studies(self, matches: list[dict[str, str]]) -> list[PacsStudy]:
-        """Every study matching any of ``matches`` (QIDO-RS study keys), by UID."""
-        found: dict[str, PacsStudy] = {}
-        for keys in matches:
-            for item in self._search_all("/studies", {**keys, "includefield": STUDY_INSTANCES}):
-                if study := _study(item):
-                    found[study.study_uid] = study
-        return sorted(found.values())
+    def find_studies(self, matches: list[dict[str, str]]) -> list[list[PacsStudy]]:
+        """The studies answering each of ``matches`` (QIDO-RS study keys), in order."""
+        return [[study for item in self._search_all(
+                    "/studies", {**keys, "includefield": STUDY_INSTANCES}, STUDY_UID)
+                 if (study := _study(item))]
+                for keys in matches]
 
     def count_instances(self, study_uid: str) -> int | None:
         """The study's instances, listed by QIDO-RS, for a PACS that reports no count per
-        study."""
-        return len({uid for item in self._search_all(f"/studies/{study_uid}/instances", {})
-                    if (uid := _value(item, SOP_UID))})
+        study; None when an instance comes without its SOP Instance UID."""
+        uids = [_value(item, SOP_UID)
+                for item in self._search_all(f"/studies/{study_uid}/instances", {}, SOP_UID)]
+        return None if None in uids else len(set(uids))
 
-    def _search_all(self, path: str, params: dict) -> list[dict]:
-        """Every item of a QIDO-RS search. Pages are asked for until one is empty or brings
-        nothing new, so a server that caps its pages below ours loses nothing and one that
-        ignores ``offset`` cannot loop."""
-        seen: set[str] = set()
-        found: list[dict] = []
+    def _search_all(self, path: str, params: dict, key: str) -> list[dict]:
+        """Every item of a QIDO-RS search, one per value of ``key``. Pages are asked for until
+        one is empty or brings no new ``key``, so a server that caps its pages below ours
+        loses nothing and one that ignores ``offset`` cannot loop."""
+        found: dict[str, dict] = {}
         while True:
             page = self._search(path, {**params, "limit": PAGE, "offset": len(found)})
-            new = 0
+            before = len(found)
             for item in page:
-                key = json.dumps(item, sort_keys=True)
-                if key not in seen:
-                    seen.add(key)
-                    found.append(item)
-                    new += 1
-            if not new:
-                return found
+                found.setdefault(str(_value(item, key)), item)
+            if len(found) == before:
+                return list(found.values())
 
     def _search(self, path: str, params: dict) -> list[dict]:
         try:

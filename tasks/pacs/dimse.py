@@ -76,42 +76,40 @@ class DimseClient:
             raise PacsUnavailable(f"association with {where} {why}")
         return assoc
 
-    def find_studies(self, matches: list[dict[str, str]]) -> list[PacsStudy]:
-        """Every study matching any of ``matches`` (study-level C-FIND keys), by UID."""
-        found: dict[str, PacsStudy] = {}
+    def find_studies(self, matches: list[dict[str, str]]) -> list[list[PacsStudy]]:
+        """The studies answering each of ``matches`` (study-level C-FIND keys), in order."""
         assoc = self._associate()
         try:
-            for keys in matches:
-                wanted = {"StudyInstanceUID": "", "NumberOfStudyRelatedInstances": "",
-                          "AccessionNumber": "", **keys}
-                for identifier in _find(assoc, "STUDY", wanted):
-                    if study := _study(identifier):
-                        found[study.study_uid] = study
+            return [[study for identifier in _find(assoc, "STUDY", {
+                        "StudyInstanceUID": "", "NumberOfStudyRelatedInstances": "",
+                        "AccessionNumber": "", **keys}) if (study := _study(identifier))]
+                    for keys in matches]
         finally:
             assoc.release()
-        return sorted(found.values())
 
     def count_instances(self, study_uid: str) -> int | None:
         """The study's instances, counted series by series (series-level C-FIND, and image
         level for a series that reports no count), for a PACS that reports none per study;
-        None when a series comes back without its UID."""
+        None when an answer lacks the UID or count it was asked for."""
         assoc = self._associate()
         try:
             total = 0
             for series in _find(assoc, "SERIES", {"StudyInstanceUID": study_uid,
                                                   "SeriesInstanceUID": "",
                                                   "NumberOfSeriesRelatedInstances": ""}):
-                count = series.get("NumberOfSeriesRelatedInstances")
+                count = str(series.get("NumberOfSeriesRelatedInstances") or "").strip()
                 series_uid = str(series.get("SeriesInstanceUID") or "").strip()
-                if count not in (None, ""):
+                if count.isdigit():
                     total += int(count)
-                elif series_uid:
-                    images = _find(assoc, "IMAGE", {"StudyInstanceUID": study_uid,
-                                                    "SeriesInstanceUID": series_uid,
-                                                    "SOPInstanceUID": ""})
-                    total += len({str(i.get("SOPInstanceUID") or "") for i in images} - {""})
-                else:
+                    continue
+                if not series_uid:
                     return None
+                images = [str(i.get("SOPInstanceUID") or "").strip() for i in _find(
+                    assoc, "IMAGE", {"StudyInstanceUID": study_uid,
+                                     "SeriesInstanceUID": series_uid, "SOPInstanceUID": ""})]
+                if "" in images:
+                    return None
+                total += len(set(images))
             return total
         finally:
             assoc.release()

@@ -40,11 +40,11 @@ class RetrieveFailed(RuntimeError):
 class PacsStudy:
     study_uid: str
     instances: int | None  # as the PACS reported it (None: not reported)
-    accession: str | None = field(default=None, compare=False)
+    accession: str | None = field(default=None, compare=False, repr=False)
 
 
 class PacsClient(Protocol):
-    def find_studies(self, matches: list[dict[str, str]]) -> list[PacsStudy]: ...
+    def find_studies(self, matches: list[dict[str, str]]) -> list[list[PacsStudy]]: ...
 
     def count_instances(self, study_uid: str) -> int | None: ...
 
@@ -94,13 +94,21 @@ def read_accession_list(path: Path) -> dict[str, int]:
     return numbers
 
 
-def unmatched_accessions(query: StudyQuery, studies: list[PacsStudy]) -> str | None:
-    """A note naming, by line of the accession list, the numbers no study answered to, or
-    None; line numbers, never the numbers themselves, since those identify patients."""
+def merged(answers: list[list[PacsStudy]]) -> list[PacsStudy]:
+    """The studies of all the answers to a query plan, once each, by UID."""
+    return sorted({study.study_uid: study for answer in answers for study in answer}.values())
+
+
+def unmatched_accessions(query: StudyQuery, plan: list[dict[str, str]],
+                         answers: list[list[PacsStudy]]) -> str | None:
+    """A note naming, by line of the accession list, the numbers whose searches no study
+    answered, or None; line numbers, never the numbers themselves, since those identify
+    patients."""
     if not query.accession_list:
         return None
     listed = read_accession_list(Path(query.accession_list))
-    answered = {(s.accession or "").strip() for s in studies}
+    answered = {keys.get("AccessionNumber") for keys, answer in zip(plan, answers, strict=True)
+                if answer}
     lines = sorted(line for number, line in listed.items() if number not in answered)
     if not lines:
         return None
@@ -128,12 +136,20 @@ def with_retries(action: Callable[[], T], source: PacsSourceConfig,
 def with_counts(client: PacsClient, studies: list[PacsStudy],
                 source: PacsSourceConfig) -> list[PacsStudy]:
     """``studies``, each that came without an instance count counted series by series, so
-    that a complete retrieve can still be told from a partial one."""
-    return [study if study.instances is not None or not well_formed_uid(study.study_uid)
-            else replace(
-        study, instances=with_retries(lambda uid=study.study_uid: client.count_instances(uid),
-                                      source, PacsUnavailable))
-            for study in studies]
+    that a complete retrieve can still be told from a partial one. A study that cannot be
+    counted (or counts to nothing, which a listed study cannot be) stays without a count:
+    its retrieve is then refused and recorded, and the other studies go on."""
+    def counted(study: PacsStudy) -> PacsStudy:
+        if study.instances is not None or not well_formed_uid(study.study_uid):
+            return study
+        try:
+            count = with_retries(lambda: client.count_instances(study.study_uid), source,
+                                 PacsUnavailable)
+        except (PacsUnavailable, ValueError):
+            count = None
+        return replace(study, instances=count or None)
+
+    return [counted(study) for study in studies]
 
 
 def retrieve_study(client: PacsClient, study: PacsStudy, folder: Path,
@@ -147,8 +163,9 @@ def retrieve_study(client: PacsClient, study: PacsStudy, folder: Path,
         if done["instances"] == study.instances:
             return [folder / name for name in done["files"]]
     if study.instances is None:
-        raise RetrieveFailed("the PACS did not report the study's instance count, "
-                             "so a complete retrieve cannot be told from a partial one")
+        raise RetrieveFailed("the PACS reported no instance count for the study and it could "
+                             "not be counted series by series, so a complete retrieve cannot "
+                             "be told from a partial one")
 
     def attempt() -> list[Path]:
         shutil.rmtree(folder, ignore_errors=True)
