@@ -21,7 +21,6 @@ for _name in ("httpx", "httpcore"):
 STUDY_UID = "0020000D"
 SOP_UID = "00080018"
 STUDY_INSTANCES = "00201208"
-ACCESSION = "00080050"  # returned by default at study level (PS3.18 Table 10.6.3-3)
 PAGE = 500
 ACCEPT_DICOM = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 
@@ -48,10 +47,12 @@ class DicomWebClient:
 
     def find_studies(self, matches: list[dict[str, str]]) -> list[list[PacsStudy]]:
         """The studies answering each of ``matches`` (QIDO-RS study keys), in order."""
-        return [[study for item in self._search_all(
-                    "/studies", {**keys, "includefield": STUDY_INSTANCES}, STUDY_UID)
-                 if (study := _study(item))]
-                for keys in matches]
+        answers = []
+        for keys in matches:
+            items = self._search_all("/studies", {**keys, "includefield": STUDY_INSTANCES},
+                                     STUDY_UID)
+            answers.append([study for item in items if (study := _study(item))])
+        return answers
 
     def count_instances(self, study_uid: str) -> int | None:
         """The study's instances, listed by QIDO-RS, for a PACS that reports no count per
@@ -121,8 +122,7 @@ def _study(item: dict) -> PacsStudy | None:
     if not uid:
         return None
     count = _value(item, STUDY_INSTANCES)
-    return PacsStudy(uid, int(count) if count is not None else None,
-                     str(_value(item, ACCESSION) or "").strip() or None)
+    return PacsStudy(uid, int(count) if count is not None else None)
 
 
 def multipart_boundary(content_type: str) -> bytes:

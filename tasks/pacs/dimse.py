@@ -80,10 +80,12 @@ class DimseClient:
         """The studies answering each of ``matches`` (study-level C-FIND keys), in order."""
         assoc = self._associate()
         try:
-            return [[study for identifier in _find(assoc, "STUDY", {
-                        "StudyInstanceUID": "", "NumberOfStudyRelatedInstances": "",
-                        "AccessionNumber": "", **keys}) if (study := _study(identifier))]
-                    for keys in matches]
+            answers = []
+            for keys in matches:
+                identifiers = _find(assoc, "STUDY", {"StudyInstanceUID": "",
+                                                     "NumberOfStudyRelatedInstances": "", **keys})
+                answers.append([study for i in identifiers if (study := _study(i))])
+            return answers
         finally:
             assoc.release()
 
@@ -183,8 +185,7 @@ def _study(identifier: Dataset) -> PacsStudy | None:
     if not uid:
         return None
     count = identifier.get("NumberOfStudyRelatedInstances")
-    return PacsStudy(uid, int(count) if count not in (None, "") else None,
-                     str(identifier.get("AccessionNumber") or "").strip() or None)
+    return PacsStudy(uid, int(count) if count not in (None, "") else None)
 
 
 def _status_text(operation: str, code: int | None) -> str:

@@ -9,7 +9,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import date
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -40,7 +40,6 @@ class RetrieveFailed(RuntimeError):
 class PacsStudy:
     study_uid: str
     instances: int | None  # as the PACS reported it (None: not reported)
-    accession: str | None = field(default=None, compare=False, repr=False)
 
 
 class PacsClient(Protocol):
