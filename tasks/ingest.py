@@ -191,10 +191,10 @@ def _discover_studies(site: SiteConfig, work_dir: str, published: set[str],
     source = site.source
     plan = pacs.query_plan(source.query, window)
     with pacs.open_client(source) as client:
-        answers = pacs.with_retries(lambda: client.find_studies(plan), source,
+        answers = pacs.with_retries(lambda: client.find_studies(plan.matches), source,
                                     pacs.PacsUnavailable)
         studies = pacs.with_counts(client, pacs.merged(answers), source)
-    note = pacs.unmatched_accessions(source.query, plan, answers)
+    note = pacs.unmatched_accessions(plan, answers)
     if note and notify:
         notify(note)
     received = Counter(row["key"].split("/", 1)[0]

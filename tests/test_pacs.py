@@ -22,6 +22,7 @@ from tasks.pacs.dicomweb import write_parts
 from tasks.pacs.study import (
     COMPLETE_MARKER,
     PacsStudy,
+    QueryPlan,
     query_plan,
     retrieve_study,
     with_retries,
@@ -164,7 +165,7 @@ def test_a_pacs_that_reports_no_study_count_is_counted_by_series(pacs, direct, t
     config = site((dimse_source if kind == "dimse" else dicomweb_source)(
         pacs, query=CORPUS_WINDOW))
     with open_client(config.source) as client:
-        reported = merged(client.find_studies(query_plan(config.source.query)))
+        reported = merged(client.find_studies(query_plan(config.source.query).matches))
         assert len(reported) >= 3
         for study in reported:  # counted series by series, the PACS agrees with itself
             assert client.count_instances(study.study_uid) == study.instances
@@ -405,14 +406,16 @@ def test_query_plan_crosses_accessions_and_modalities(tmp_path):
     accessions.write_text("A2\nA1  # first\n\nA2\n")
     plan = query_plan(StudyQuery(since=date(2020, 3, 1), modalities=("CT", "CR"),
                                  accession_list=str(accessions)))
-    assert plan == [
+    assert plan.matches == [
         {"StudyDate": "20200301-", "AccessionNumber": "A1", "ModalitiesInStudy": "CT"},
         {"StudyDate": "20200301-", "AccessionNumber": "A1", "ModalitiesInStudy": "CR"},
         {"StudyDate": "20200301-", "AccessionNumber": "A2", "ModalitiesInStudy": "CT"},
         {"StudyDate": "20200301-", "AccessionNumber": "A2", "ModalitiesInStudy": "CR"},
     ]
-    assert query_plan(StudyQuery(), (None, date(2020, 5, 1))) == [{"StudyDate": "-20200501"}]
-    assert query_plan(StudyQuery()) == [{}]
+    assert plan.accession_lines == {"A2": 1, "A1": 2}
+    assert query_plan(StudyQuery(), (None, date(2020, 5, 1))).matches == [
+        {"StudyDate": "-20200501"}]
+    assert query_plan(StudyQuery()) == QueryPlan([{}], {})
 
 
 def test_retries_back_off_exponentially_then_give_up():

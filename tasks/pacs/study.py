@@ -59,23 +59,31 @@ def dicom_date_range(since: date | None, until: date | None) -> str:
     return f"{start}-{end}"
 
 
+@dataclass(frozen=True)
+class QueryPlan:
+    """The study-level matches to send, and the line of the accession list each listed
+    number is on (empty without a list)."""
+
+    matches: list[dict[str, str]]
+    accession_lines: dict[str, int]
+
+
 def query_plan(query: StudyQuery,
-               window: tuple[date | None, date | None] | None = None) -> list[dict[str, str]]:
-    """The study-level matches to send: one per accession number and modality given, each
-    within the date window (``window`` overrides the configured one, as a backfill does)."""
+               window: tuple[date | None, date | None] | None = None) -> QueryPlan:
+    """One match per accession number and modality given, each within the date window
+    (``window`` overrides the configured one, as a backfill does)."""
     since, until = window if window is not None else (query.since, query.until)
     dates = dicom_date_range(since, until)
-    accessions: list[str | None] = [None]
-    if query.accession_list:
-        accessions = sorted(read_accession_list(Path(query.accession_list)))
+    lines = read_accession_list(Path(query.accession_list)) if query.accession_list else {}
+    accessions: list[str | None] = sorted(lines) or [None]
     modalities: list[str | None] = list(query.modalities) or [None]
-    plan = []
+    matches = []
     for accession in accessions:
         for modality in modalities:
             keys = {"StudyDate": dates, "AccessionNumber": accession,
                     "ModalitiesInStudy": modality}
-            plan.append({k: v for k, v in keys.items() if v})
-    return plan
+            matches.append({k: v for k, v in keys.items() if v})
+    return QueryPlan(matches, lines)
 
 
 def read_accession_list(path: Path) -> dict[str, int]:
@@ -98,16 +106,13 @@ def merged(answers: list[list[PacsStudy]]) -> list[PacsStudy]:
     return sorted({study.study_uid: study for answer in answers for study in answer}.values())
 
 
-def unmatched_accessions(query: StudyQuery, plan: list[dict[str, str]],
-                         answers: list[list[PacsStudy]]) -> str | None:
+def unmatched_accessions(plan: QueryPlan, answers: list[list[PacsStudy]]) -> str | None:
     """A note naming, by line of the accession list, the numbers whose searches no study
     answered, or None; line numbers, never the numbers themselves, since those identify
     patients."""
-    if not query.accession_list:
-        return None
-    listed = read_accession_list(Path(query.accession_list))
-    answered = {keys.get("AccessionNumber") for keys, answer in zip(plan, answers, strict=True)
-                if answer}
+    listed = plan.accession_lines
+    answered = {keys.get("AccessionNumber")
+                for keys, answer in zip(plan.matches, answers, strict=True) if answer}
     lines = sorted(line for number, line in listed.items() if number not in answered)
     if not lines:
         return None
