@@ -458,11 +458,11 @@ def record_ingested(batch: BatchRef, index: pa.Table, work_dir: str) -> None:
     or for a PACS batch the objects received (from the index)."""
     ledger = read_ledger(work_dir, batch.site_id).to_pylist()
     if batch.pacs:  # every object of the studies received whole, whatever became of it
-        asked = {o.key for o in batch.objects if pacs.well_formed_uid(o.key)}
+        studies_asked = {o.key for o in batch.objects}  # keys of the study-level records
         rows = [{"key": r["key"], "size": r["size"], "mtime_ns": 0, "sha256": r["sha256"],
                  "batch_id": batch.batch_id}
                 for r in index.select(["key", "size", "sha256"]).to_pylist()
-                if "/" in r["key"] and r["key"].split("/", 1)[0] in asked]
+                if r["key"] not in studies_asked]
         studies = {r["key"].split("/", 1)[0] for r in rows}
         kept = [r for r in ledger if r["key"].split("/", 1)[0] not in studies]
     else:

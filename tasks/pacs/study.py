@@ -149,7 +149,7 @@ def with_counts(client: PacsClient, studies: list[PacsStudy],
         try:
             count = with_retries(lambda: client.count_instances(study.study_uid), source,
                                  PacsUnavailable)
-        except (PacsUnavailable, ValueError):
+        except PacsUnavailable:
             count = None
         return replace(study, instances=count or None)
 
