@@ -27,7 +27,8 @@ def _first(value) -> float:
 def _mean_pooled(pixels: np.ndarray, step: int) -> np.ndarray:
     """``pixels`` averaged over ``step`` x ``step`` blocks (edges that do not fill a block
     dropped), as float: thin burned-in text fades but does not vanish, as it would when
-    striding."""
+    striding. A block is never taller or wider than the image."""
+    step = min(step, pixels.shape[0], pixels.shape[1])
     if step <= 1:
         return pixels.astype(np.float64)
     rows, cols = (pixels.shape[0] // step) * step, (pixels.shape[1] // step) * step

@@ -179,3 +179,6 @@ def test_thumbnails_of_large_images_are_averaged_down_before_windowing(tmp_path)
     assert (grey[line, :50] < grey[line - 1, :50]).all()  # the line still shows
     png = thumbnail_png(str(src))
     assert png is not None and png.startswith(b"\x89PNG")
+    thin = pydicom.dcmread(src)  # a strip thinner than one block still gets a thumbnail
+    thin.Rows, thin.PixelData = 3, ramp[:3].tobytes()
+    assert _windowed(thin).shape == (1, 2100 // 3)
