@@ -23,8 +23,9 @@ MALFORMED_UID = "the PACS gave a malformed Study Instance UID; not retrieved"
 
 
 def well_formed_uid(uid: str) -> bool:
-    """A UID as PS3.5 9.1 writes them (digits and dots, at most 64 characters): only such a
-    UID from a PACS is put into a query, a URL or the ledger."""
+    """Digits and dots, at most 64 characters (PS3.5 9.1): only such a UID from a PACS is put
+    into a query, a URL or a path. Laxer than pydicom's ``UID.is_valid``, which refuses the
+    leading zeros some PACS write into otherwise harmless UIDs."""
     return len(uid) <= 64 and UID_SYNTAX.fullmatch(uid) is not None
 
 
