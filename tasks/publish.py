@@ -70,6 +70,19 @@ class Release:
             out.append((parts[-3], parts[-2]))
         return sorted(out)
 
+    def manifest(self, site_id: str, batch_id: str) -> pa.Table:
+        """The published manifest of a batch (every file, size, sha256); empty if none."""
+        data = self.read_bytes(f"{self.batch_dir(site_id, batch_id)}/manifest.parquet")
+        return MANIFEST.empty_table() if data is None else pq.read_table(io.BytesIO(data))
+
+    def catalog_files(self, table: str, site_id: str, batch_id: str) -> list[str]:
+        """Relative paths of the Parquet files that hold a batch's rows of one catalog table.
+
+        Readers (views, dedupe, frozen releases, exports) list a batch's catalog files here
+        and nowhere else, so how a batch's current version is found lives in one place."""
+        pattern = self.path(f"{self.partition(table, site_id, batch_id)}/*.parquet")
+        return sorted(p[len(self.root) + 1:] for p in self.fs.glob(pattern))
+
     def read_bytes(self, relative: str) -> bytes | None:
         try:
             with self.fs.open(self.path(relative), "rb") as fh:
@@ -118,10 +131,7 @@ def table_bytes(table: pa.Table) -> bytes:
 
 
 def _previous_manifest(release: Release, site_id: str, batch_id: str) -> dict[str, tuple]:
-    data = release.read_bytes(f"{release.batch_dir(site_id, batch_id)}/manifest.parquet")
-    if data is None:
-        return {}
-    rows = pq.read_table(io.BytesIO(data)).to_pylist()
+    rows = release.manifest(site_id, batch_id).to_pylist()
     return {r["path"]: (r["size_bytes"], r["sha256"]) for r in rows}
 
 
@@ -183,9 +193,8 @@ def read_published(release: Release, table: str, site_id: str, exclude_batch: st
     for site, batch in release.complete_batches():
         if site != site_id or batch == exclude_batch:
             continue
-        pattern = release.path(f"{release.partition(table, site, batch)}/*.parquet")
-        for path in release.fs.glob(pattern):
-            with release.fs.open(path, "rb") as fh:
+        for relative in release.catalog_files(table, site, batch):
+            with release.fs.open(release.path(relative), "rb") as fh:
                 t = pq.read_table(fh, columns=columns)
             parts.append(t.append_column("batch_id", pa.array([batch] * t.num_rows, pa.string())))
     schema = pa.schema([TABLES[table].field(c) for c in columns] + [("batch_id", pa.string())])
@@ -228,14 +237,19 @@ def _duck_type(t: pa.DataType) -> str:
 def catalog_view_statements(release: Release) -> list[str]:
     """CREATE VIEW statements over the partitions of every complete batch.
 
-    Views name one glob per complete batch partition, so a batch becomes visible exactly when
-    its COMPLETE marker does, and a rerun that adds a run record leaves the views unchanged.
+    Views name the catalog files of every complete batch, so a batch becomes visible exactly
+    when its COMPLETE marker does. Run records are a log that every run appends to: their view
+    takes each complete batch's whole partition, so a rerun leaves the views unchanged.
     """
     batches = release.complete_batches()
     statements = []
     for table in TABLES:
-        patterns = [release.uri(f"{release.partition(table, site, batch)}/*.parquet")
-                    for site, batch in batches]
+        if table == "runs":
+            patterns = [release.uri(f"{release.partition(table, site, batch)}/*.parquet")
+                        for site, batch in batches]
+        else:
+            patterns = [release.uri(relative) for site, batch in batches
+                        for relative in release.catalog_files(table, site, batch)]
         statements.append(_view_sql(table, patterns))
     rows = ", ".join(f"('{s}', '{b}')" for s, b in batches) or "(NULL, NULL)"
     statements.append(
