@@ -9,17 +9,24 @@ into the staging folder. Every object ends up in the source index as ``ok`` or
 
 from __future__ import annotations
 
+import errno
+import functools
 import hashlib
+import hmac
 import json
 import os
 import re
+import secrets
 import shutil
+import stat
 import zipfile
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import date
+from importlib import resources
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
@@ -37,9 +44,11 @@ from schemas.config import (
     SourceConfig,
 )
 from schemas.pipeline import LEDGER, OK, QUARANTINE, QUARANTINED, SOURCE_INDEX
-from tasks import pacs
+from tasks import pacs, verify
+from tasks.failures import SourceUnavailable
 
 BATCH_FOLDER = re.compile(r"^(?P<batch>.+?)-(?P<state>COMPLETE|IN-PROGRESS)$")
+BATCH_ID = re.compile(r"^(?P<words>[A-Z][A-Z0-9]*(?:-[A-Z][A-Z0-9]*)*)-(?P<date>\d{8})$")
 ZIP_NAME = re.compile(
     r"^(?P<patient>[^_]+)_(?P<time>\d{8}-\d{6})_(?P<exam>[^_]+)_(?P<description>.+)\.zip$",
     re.IGNORECASE,
@@ -68,6 +77,7 @@ class SourceObject:
     size: int
     mtime_ns: int
     sha256: str | None = None
+    problem: str | None = None  # why the entry cannot be ingested (then it is quarantined)
 
 
 @dataclass(frozen=True)
@@ -92,13 +102,103 @@ def site_work_dir(work_dir: str, site_id: str) -> Path:
     return Path(work_dir) / site_id
 
 
-def _list_files(fs, root: str) -> dict[str, dict]:
-    """Relative key -> fsspec info for every file under ``root`` (sorted, forward slashes)."""
+def _list_files(fs, root: str, site_id: str) -> dict[str, dict]:
+    """Relative key -> info (``size``, ``mtime``; ``problem`` for an entry that cannot be
+    ingested) for every entry under ``root``, sorted, forward slashes. A local source is
+    walked without following a symlink out of it or opening anything."""
     root = root.rstrip("/")
-    if not fs.exists(root):
-        raise FileNotFoundError(f"source folder does not exist: {root}")
-    found = fs.find(root, detail=True, withdirs=False)
+    if isinstance(fs, LocalFileSystem):
+        if not os.path.isdir(root) or not os.access(root, os.R_OK | os.X_OK):
+            raise SourceUnavailable(f"site {site_id}: the source folder is missing or "
+                                    "unreadable")
+        return dict(sorted(_walk_local(root).items()))
+    try:
+        if not fs.isdir(root):
+            raise SourceUnavailable(f"site {site_id}: the source folder is missing or "
+                                    "unreadable")
+        found = fs.find(root, detail=True, withdirs=False)
+    except OSError:
+        raise SourceUnavailable(f"site {site_id}: the source folder cannot be listed "
+                                "(missing or unreadable)") from None
     return {p[len(root) + 1 :]: info for p, info in sorted(found.items()) if p != root}
+
+
+def _entry_key(parts: list[bytes]) -> tuple[str, str | None]:
+    """The entry's key (as text even when its bytes are not UTF-8) and, for such a name,
+    the problem it is quarantined for."""
+    try:
+        return "/".join(p.decode("utf-8") for p in parts), None
+    except UnicodeDecodeError:
+        return ("/".join(p.decode("utf-8", "backslashreplace") for p in parts),
+                "file name is not valid UTF-8")
+
+
+def _special_kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "FIFO"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    return "special file"
+
+
+def _symlink_problem(path: bytes, real_root: str) -> tuple[str | None, os.stat_result | None]:
+    """Why a symlink cannot be taken (None when it leads to a regular file inside the
+    source), and the stat of what it leads to."""
+    try:
+        target = os.stat(path)
+    except FileNotFoundError:
+        return "dangling symlink", None
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "symlink loop", None
+        return f"unreadable symlink ({type(err).__name__})", None
+    real = os.path.realpath(os.fsdecode(path))
+    if os.path.commonpath([real, real_root]) != real_root:
+        return "symlink leads outside the source folder", target
+    if stat.S_ISDIR(target.st_mode):
+        return "symlink to a folder (not followed)", target
+    if not stat.S_ISREG(target.st_mode):
+        return f"symlink to a {_special_kind(target.st_mode)}", target
+    return None, target
+
+
+def _walk_local(root: str) -> dict[str, dict]:
+    """Every entry under a local ``root`` by lstat: folders are descended (never through a
+    symlink), regular files listed, anything else listed with its problem."""
+    real_root = os.path.realpath(root)
+    out: dict[str, dict] = {}
+    pending: list[list[bytes]] = [[]]
+    while pending:
+        parts = pending.pop()
+        folder = os.path.join(os.fsencode(root), *parts)
+        try:
+            with os.scandir(folder) as entries:
+                listed = sorted((e.name, e) for e in entries)
+        except OSError as err:
+            key, _ = _entry_key(parts)
+            out[key or "."] = {"size": 0, "mtime": 0,
+                               "problem": f"folder unreadable ({type(err).__name__})"}
+            continue
+        for name, entry in listed:
+            key, problem = _entry_key([*parts, name])
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # gone between listing and looking: nothing there to account for
+            size, mtime = info.st_size, info.st_mtime
+            if stat.S_ISDIR(info.st_mode):
+                pending.append([*parts, name])
+                continue
+            if problem is None and stat.S_ISLNK(info.st_mode):
+                problem, target = _symlink_problem(entry.path, real_root)
+                if problem is None:
+                    size, mtime = target.st_size, target.st_mtime
+            elif problem is None and not stat.S_ISREG(info.st_mode):
+                problem = f"not a regular file ({_special_kind(info.st_mode)})"
+            out[key] = {"size": size, "mtime": mtime, **({"problem": problem} if problem else {})}
+    return out
 
 
 def discover_batches(site: SiteConfig, work_dir: str, published: set[str],
@@ -115,31 +215,9 @@ def discover_batches(site: SiteConfig, work_dir: str, published: set[str],
     if site.source.kind in PACS_KINDS:
         return _discover_studies(site, work_dir, published, window, notify)
     fs, root = fsspec.core.url_to_fs(site.source.path, **site.source.storage_options)
-    files = _list_files(fs, root)
+    files = _list_files(fs, root, site.site_id)
     if site.source.kind == "zip_batches":
-        by_batch: dict[str, list[SourceObject]] = {}
-        loose = hashlib.sha256()
-        for key, info in files.items():
-            folder = key.split("/", 1)[0]
-            match = BATCH_FOLDER.match(folder)
-            if match and match["state"] == "IN-PROGRESS":
-                continue
-            if "/" in key:
-                # a folder outside the batch naming scheme may carry a name: never publish it
-                batch_id = match["batch"] if match else (
-                    "batch-" + hashlib.sha256(folder.encode()).hexdigest()[:12])
-            else:  # a file beside the batch folders: its own batch, so nothing goes unseen
-                batch_id = "loose"
-                loose.update(f"{key}\t{info['size']}\n".encode())
-            obj = SourceObject(key, info["size"], _mtime_ns(info))
-            by_batch.setdefault(batch_id, []).append(obj)
-        if "loose" in by_batch:
-            by_batch[f"loose-{loose.hexdigest()[:12]}"] = by_batch.pop("loose")
-        return [
-            BatchRef(site.site_id, b, root, tuple(objs))
-            for b, objs in sorted(by_batch.items())
-            if b not in published
-        ]
+        return _zip_batches(site, work_dir, root, files, published)
     known = {row["key"]: row for row in _ledger_rows(work_dir, site.site_id, published)}
     new: list[SourceObject] = []
     fingerprint = hashlib.sha256()
@@ -149,13 +227,154 @@ def discover_batches(site: SiteConfig, work_dir: str, published: set[str],
         if seen and seen["size"] == info["size"] and seen["mtime_ns"] == _mtime_ns(info):
             skipped += 1
             continue
-        digest = _hash_file(fs, f"{root}/{key}")
-        if seen and seen["sha256"] == digest:
+        problem = info.get("problem")
+        digest = None
+        if problem is None:
+            try:
+                digest = _hash_source(fs, root, key)
+            except _Unusable as err:
+                problem = str(err)
+        if digest and seen and seen["sha256"] == digest:
             skipped += 1
             continue
-        new.append(SourceObject(key, info["size"], _mtime_ns(info), digest))
-        fingerprint.update(f"{key}\t{digest}\n".encode())
+        new.append(SourceObject(key, info["size"], _mtime_ns(info), digest, problem))
+        fingerprint.update(f"{key}\t{digest or '!' + problem}\n".encode())
     return _new_batch(site, root, new, fingerprint, skipped, published)
+
+
+def _zip_batches(site: SiteConfig, work_dir: str, root: str, files: dict[str, dict],
+                 published: set[str]) -> list[BatchRef]:
+    """One batch per COMPLETE batch folder (and one for anything else at the top level)."""
+    by_folder: dict[str, list[SourceObject]] = {}
+    loose: list[SourceObject] = []
+    for key, info in files.items():
+        folder = key.split("/", 1)[0]
+        match = BATCH_FOLDER.match(folder)
+        if match and match["state"] == "IN-PROGRESS":
+            continue
+        obj = SourceObject(key, info["size"], _mtime_ns(info), problem=info.get("problem"))
+        if "/" in key:
+            by_folder.setdefault(folder, []).append(obj)
+        else:  # a file beside the batch folders: its own batch, so nothing goes unseen
+            loose.append(obj)
+    names = BatchNames(work_dir, site.site_id)
+    by_batch = {names.batch_id(folder, published): objs for folder, objs in by_folder.items()}
+    if loose:
+        by_batch[names.loose_id(loose)] = loose
+    names.save()
+    return [BatchRef(site.site_id, b, root, tuple(objs))
+            for b, objs in sorted(by_batch.items()) if b not in published]
+
+
+def site_identifier_files(work_dir: str, site_id: str) -> list[Path]:
+    """Every identifier list the de-identification step left for the site, one per batch:
+    what the gate on any one batch searches for (names met in another batch included)."""
+    return sorted((site_work_dir(work_dir, site_id) / "index").glob("*.identifiers.parquet"))
+
+
+@functools.cache
+def _batch_words() -> frozenset[str]:
+    text = resources.files("schemas").joinpath("batch_id_words.txt").read_text()
+    return frozenset(w for line in text.splitlines() for w in line.split("#", 1)[0].split())
+
+
+def readable_batch_id(name: str) -> str | None:
+    """``name`` when it has the documented batch-id shape: words from the batch vocabulary
+    (``schemas/batch_id_words.txt``) and a valid YYYYMMDD date, dash-separated."""
+    match = BATCH_ID.match(name)
+    if not match:
+        return None
+    try:
+        date(int(match["date"][:4]), int(match["date"][4:6]), int(match["date"][6:]))
+    except ValueError:
+        return None
+    words = match["words"].split("-")
+    return name if set(words) <= _batch_words() else None
+
+
+class BatchNames:
+    """The batch id each source folder was given, kept in the site's private zone.
+
+    A folder's id is decided once: its readable name when that passes ``readable_batch_id``
+    and names no identifier met in any batch of the site, else ``batch-<hash>`` keyed by a
+    random per-site salt (so the folder name cannot be guessed back from the id). The record
+    keeps the decision, so a patient met later never renames a published batch."""
+
+    def __init__(self, work_dir: str, site_id: str):
+        self.work_dir, self.site_id = work_dir, site_id
+        self.path = site_work_dir(work_dir, site_id) / "batch_ids.json"
+        record = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.salt: str = record.get("salt") or secrets.token_hex(32)
+        self.folders: dict[str, dict] = record.get("folders", {})
+        self.changed = False
+        self._matcher = None
+
+    def _identifier(self, text: str) -> bool:
+        if self._matcher is None:
+            self._matcher = verify.read_identifiers(
+                site_identifier_files(self.work_dir, self.site_id))
+        return self._matcher.in_text(text)
+
+    def opaque(self, name: str) -> str:
+        self.changed |= not self.path.exists()  # the salt must be kept once it named a batch
+        return "batch-" + hmac.new(bytes.fromhex(self.salt), name.encode(),
+                                   hashlib.sha256).hexdigest()[:12]
+
+    def batch_id(self, folder: str, published: set[str]) -> str:
+        """The id of a batch folder: as recorded, else decided now and recorded."""
+        if folder in self.folders:
+            return self.folders[folder]["batch_id"]
+        match = BATCH_FOLDER.match(folder)
+        legacy = [match["batch"] if match else None,
+                  "batch-" + hashlib.sha256(folder.encode()).hexdigest()[:12]]
+        readable = readable_batch_id(match["batch"]) if match else None
+        if any(b in published for b in legacy if b):  # named so before ids were recorded
+            chosen = next(b for b in legacy if b in published)
+        elif readable and not self._identifier(readable):
+            chosen = readable
+        else:
+            chosen = self.opaque(folder)
+        self.folders[folder] = {"batch_id": chosen, "published": chosen in published}
+        self.changed = True
+        return chosen
+
+    def loose_id(self, objects: list[SourceObject]) -> str:
+        listing = "".join(f"{o.key}\t{o.size}\n" for o in objects)
+        return "loose-" + self.opaque(listing).removeprefix("batch-")
+
+    def withdraw(self, batch_id: str) -> bool:
+        """Give the folder behind a readable, unpublished ``batch_id`` an opaque id from now
+        on (the gate found an identifier in the id); False when there is none to withdraw."""
+        for folder, entry in self.folders.items():
+            if entry["batch_id"] == batch_id and not entry["published"] and (
+                    not batch_id.startswith("batch-")):
+                entry["batch_id"] = self.opaque(folder)
+                self.changed = True
+                return True
+        return False
+
+    def mark_published(self, batch_id: str) -> None:
+        for entry in self.folders.values():
+            if entry["batch_id"] == batch_id and not entry["published"]:
+                entry["published"] = self.changed = True
+
+    def save(self) -> None:
+        if not self.changed:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({"salt": self.salt, "folders": self.folders}, indent=1,
+                                  sort_keys=True))
+        os.replace(tmp, self.path)
+        self.changed = False
+
+
+def withdraw_batch_id(work_dir: str, site_id: str, batch_id: str) -> bool:
+    """Stop using a readable batch id the gate found an identifier in (see BatchNames)."""
+    names = BatchNames(work_dir, site_id)
+    withdrawn = names.withdraw(batch_id)
+    names.save()
+    return withdrawn
 
 
 def _new_batch(site: SiteConfig, root: str, new: list[SourceObject], fingerprint,
@@ -231,11 +450,64 @@ def _mtime_ns(info: dict) -> int:
 
 
 def _hash_file(fs, path: str) -> str:
-    h = hashlib.sha256()
     with fs.open(path, "rb") as fh:
-        while chunk := fh.read(CHUNK):
-            h.update(chunk)
+        return _hash_stream(fh)
+
+
+def _hash_stream(fh) -> str:
+    h = hashlib.sha256()
+    while chunk := fh.read(CHUNK):
+        h.update(chunk)
     return h.hexdigest()
+
+
+def _open_local(root: str, key: str) -> BinaryIO:
+    """A source file opened for reading if it is (or links, inside ``root``, to) a regular
+    file; else _Unusable saying why. Never opens anything else (a FIFO would block)."""
+    path = os.path.join(root, key)
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(path)
+    if os.path.commonpath([real, real_root]) != real_root:
+        raise _Unusable("symlink leads outside the source folder")
+    try:
+        if not stat.S_ISREG(os.stat(real).st_mode):
+            raise _Unusable(f"not a regular file ({_special_kind(os.stat(real).st_mode)})")
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise _Unusable("file vanished during ingest") from None
+    except OSError as err:
+        raise _Unusable(_unreadable(err)) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped between the look and the open
+        os.close(fd)
+        raise _Unusable("not a regular file")
+    return os.fdopen(fd, "rb")
+
+
+def _unreadable(err: OSError) -> str:
+    return ("unreadable (permission denied)" if isinstance(err, PermissionError)
+            else f"unreadable ({type(err).__name__})")
+
+
+def _open_source(fs, root: str, key: str) -> BinaryIO:
+    """A source object opened for reading; _Unusable saying why it cannot be."""
+    if isinstance(fs, LocalFileSystem):
+        return _open_local(root, key)
+    try:
+        return fs.open(f"{root}/{key}", "rb")
+    except FileNotFoundError:
+        raise _Unusable("file vanished during ingest") from None
+    except OSError as err:
+        raise _Unusable(_unreadable(err)) from None
+
+
+def _hash_source(fs, root: str, key: str) -> str:
+    try:
+        with _open_source(fs, root, key) as fh:
+            return _hash_stream(fh)
+    except FileNotFoundError:
+        raise _Unusable("file vanished during ingest") from None
+    except OSError as err:
+        raise _Unusable(_unreadable(err)) from None
 
 
 class _Objects:
@@ -331,16 +603,15 @@ def _exam_fields(zip_key: str, member: str) -> dict:
     }
 
 
-def _ingest_zip(objects: _Objects, fs, path: str, key: str) -> None:
+def _ingest_zip(objects: _Objects, raw: BinaryIO, key: str, local_path: str | None) -> None:
     try:
-        with fs.open(path, "rb") as raw, zipfile.ZipFile(raw) as archive:
+        with zipfile.ZipFile(raw) as archive:
             for info in sorted(archive.infolist(), key=lambda i: i.filename):
                 if info.is_dir():
                     continue
                 _ingest_member(objects, archive, info, key)
     except (zipfile.BadZipFile, EOFError, OSError) as err:
-        objects.quarantine(key, f"corrupt zip archive ({type(err).__name__})",
-                           path if isinstance(fs, LocalFileSystem) else None)
+        objects.quarantine(key, f"corrupt zip archive ({type(err).__name__})", local_path)
 
 
 def _ingest_member(objects: _Objects, archive, info: zipfile.ZipInfo, zip_key: str) -> None:
@@ -366,29 +637,37 @@ def _ingest_member(objects: _Objects, archive, info: zipfile.ZipInfo, zip_key: s
     _index_staged(objects, key, str(staged), size, digest, extra)
 
 
-def _ingest_file(objects: _Objects, fs, root: str, key: str, known_sha256: str | None) -> None:
-    path = f"{root}/{key}"
+def _ingest_file(objects: _Objects, fs, root: str, obj: SourceObject) -> None:
+    """Index one source entry: a file (a zip's members one by one), or, for an entry that is
+    no readable regular file, a quarantine record with the reason."""
+    key = obj.key
+    if obj.problem:
+        objects.quarantine(key, obj.problem)
+        return
     local = isinstance(fs, LocalFileSystem)
     try:
-        if local:
-            real_root = os.path.realpath(root)
-            if os.path.commonpath([os.path.realpath(path), real_root]) != real_root:
-                objects.quarantine(key, "symlink leads outside the source folder")
-                return
-        with fs.open(path, "rb") as fh:
+        with _open_source(fs, root, key) as fh:
             if fh.read(4) == b"PK\x03\x04":
-                _ingest_zip(objects, fs, path, key)
+                fh.seek(0)
+                _ingest_zip(objects, fh, key, os.path.join(root, key) if local else None)
                 return
-        if local:
-            size, digest = os.path.getsize(path), known_sha256 or _hash_file(fs, path)
-            staged = path
-        else:
-            staged_path = objects.staging / objects.next_id()
-            with fs.open(path, "rb") as fh:
+            fh.seek(0)
+            if local:
+                size = os.fstat(fh.fileno()).st_size
+                digest = obj.sha256 or _hash_stream(fh)
+                staged = os.path.realpath(os.path.join(root, key))
+            else:
+                staged_path = objects.staging / objects.next_id()
                 size, digest = _stream_to(fh, staged_path)
-            staged = str(staged_path)
+                staged = str(staged_path)
+    except _Unusable as err:
+        objects.quarantine(key, str(err))
+        return
     except FileNotFoundError:
         objects.quarantine(key, "file vanished during ingest")
+        return
+    except OSError as err:
+        objects.quarantine(key, _unreadable(err))
         return
     _index_staged(objects, key, staged, size, digest, {})
 
@@ -436,7 +715,7 @@ def ingest_batch(batch: BatchRef, source: SourceConfig, work_dir: str) -> Ingest
     else:
         fs, _ = fsspec.core.url_to_fs(source.path, **source.storage_options)
         for obj in batch.objects:
-            _ingest_file(objects, fs, batch.root, obj.key, obj.sha256)
+            _ingest_file(objects, fs, batch.root, obj)
     index = pa.Table.from_pylist(objects.rows, schema=SOURCE_INDEX)
     quarantine = pa.Table.from_pylist(objects.quarantined, schema=QUARANTINE)
     index_dir = work / "index"
@@ -456,6 +735,9 @@ def read_ledger(work_dir: str, site_id: str) -> pa.Table:
 def record_ingested(batch: BatchRef, index: pa.Table, work_dir: str) -> None:
     """Remember a published batch's source objects so the next run skips them: hashed files,
     or for a PACS batch the objects received (from the index)."""
+    names = BatchNames(work_dir, batch.site_id)
+    names.mark_published(batch.batch_id)
+    names.save()
     ledger = read_ledger(work_dir, batch.site_id).to_pylist()
     if batch.pacs:  # every object of the studies received whole, whatever became of it
         studies_asked = {o.key for o in batch.objects}  # keys of the study-level records
@@ -468,7 +750,7 @@ def record_ingested(batch: BatchRef, index: pa.Table, work_dir: str) -> None:
     else:
         rows = [{"key": o.key, "size": o.size, "mtime_ns": o.mtime_ns, "sha256": o.sha256,
                  "batch_id": batch.batch_id}
-                for o in batch.objects if o.sha256]
+                for o in batch.objects if o.sha256 or o.problem]  # a bad entry stays seen
         done = {r["key"] for r in rows}
         kept = [r for r in ledger if r["key"] not in done]
     if not rows:

@@ -18,6 +18,7 @@ from tasks.deidentify.dataset import age_in_years
 from tasks.deidentify.keys import PseudonymKeys, normalize_patient_id
 from tasks.deidentify.remap import current_id
 from tasks.deidentify.tabular import read_rows
+from tasks.failures import SourceUnavailable
 
 COVID_STATUS = {"positive": "positive", "pos": "positive", "detected": "positive",
                 "negative": "negative", "neg": "negative", "not detected": "negative"}
@@ -65,7 +66,11 @@ def deidentify_clinical(
 ) -> DeidentifiedClinical:
     """Read an EMR export (CSV, Excel or Parquet) and return pseudonymized patient rows and
     long-form measurements."""
-    header, raw_rows = read_rows(path)
+    try:
+        header, raw_rows = read_rows(path)
+    except OSError:
+        raise SourceUnavailable(f"site {site_id}: the clinical export is missing or "
+                                "unreadable") from None
     wanted = [cfg.patient_id, cfg.index_date, cfg.sex, cfg.test_method, cfg.result] + [
         c for c in (cfg.birth_date, cfg.age) if c] + [m.column for m in cfg.measurements.values()]
     for column in wanted:

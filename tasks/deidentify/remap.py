@@ -20,7 +20,10 @@ def load_remap(path: str | None) -> dict[str, str]:
     if not path:
         return {}
     edges: dict[str, str] = {}
-    header, rows = read_rows(path)
+    try:
+        header, rows = read_rows(path)
+    except OSError:
+        raise RemapError("the ID remap file is missing or unreadable") from None
     missing = {"old_id", "new_id"} - set(header)
     if missing:
         raise RemapError(f"ID remap file lacks column {min(missing)!r}")
