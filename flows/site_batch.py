@@ -99,10 +99,15 @@ def contact_sheet_step(site_id: str, batch_id: str, assembled: catalog.CatalogBa
 
 
 @step(name="verify")
-def verify_step(identifiers_path: str, assembled: catalog.CatalogBatch, run: pa.Table,
+def verify_step(work_dir: str, site_id: str, assembled: catalog.CatalogBatch, run: pa.Table,
                 reports: dict[str, bytes], batch_id: str) -> int:
-    """The gate: fail the batch if any identifier seen at the source is in what would publish."""
-    matcher = verify.read_identifiers([Path(identifiers_path)])
+    """The gate: fail the batch if any identifier seen at the site (in this batch or another)
+    is in what would publish."""
+    matcher = verify.read_identifiers(ingest.site_identifier_files(work_dir, site_id))
+    if verify.scan_names([f"batch {batch_id}"], matcher) and ingest.withdraw_batch_id(
+            work_dir, site_id, batch_id):
+        raise verify.LeakFound(f"site {site_id}: a batch id matches an identifier met at the "
+                               "site; its folder is taken under an opaque id from the next run")
     findings = verify.scan_names([f"batch {batch_id}"], matcher)
     for relative, data in reports.items():
         findings += verify.scan_names([relative], matcher)
@@ -203,7 +208,7 @@ def site_batch(config: RadrepoConfig, site_id: str, batch_id: str, force: bool =
               "clinical_rows_skipped": dict(sorted(emr.rows_skipped.items()))}
     run = _run_table(run_id, profile, started, counts)
     reports = contact_sheet_step(site_id, batch_id, assembled, deidentified)
-    verify_step(identifiers_path, assembled, run, reports, batch_id)
+    verify_step(config.work_dir, site_id, assembled, run, reports, batch_id)
     result = publish_step(release, site_id, batch_id, assembled, deidentified, run, run_id,
                           config.work_dir, reports)
     ingest.record_ingested(batch, ingested.index, config.work_dir)
