@@ -45,7 +45,9 @@ def deidentify_folder(in_dir: Path, out_dir: Path, site_id: str, options: tuple[
         ctx = DeidContext(keys=keys, site_id=site_id, options=options, remap={},
                           out_dir=str(staged))
         identifiers = str(Path(private) / "identifiers.parquet")
-        cluster = (dask_client(DaskConfig(workers=workers)) if workers > 1 else nullcontext())
+        scratch = str(Path(private) / "scratch")  # spilled rows hold source identifiers
+        cluster = (dask_client(DaskConfig(workers=workers, local_directory=scratch))
+                   if workers > 1 else nullcontext())
         with cluster as client:
             table = deidentify_batch(index, ctx, identifiers, client)
         done = table.filter(pc.equal(table["status"], OK)).to_pylist()

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 SITE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$"
 
@@ -148,6 +148,9 @@ class DaskConfig(Strict):
     scheduler: str | None = None
     workers: int = Field(default=2, ge=1)
     threads_per_worker: int = Field(default=1, ge=1)
+    # where a local cluster spills and keeps scratch (rows it holds carry source identifiers):
+    # filled in as <work_dir>/scratch/dask, in the private zone
+    local_directory: str | None = None
 
 
 class DeidConfig(Strict):
@@ -176,6 +179,17 @@ class RadrepoConfig(Strict):
     inclusion_windows: dict[str, Window] = Field(default_factory=lambda: dict(DEFAULT_WINDOWS))
     split_exam_minutes: int = Field(default=30, ge=0)
     sites: list[SiteConfig] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dask_scratch_in_work_dir(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict) or not isinstance(raw.get("work_dir"), str):
+            return raw
+        dask = raw.get("dask") or {}
+        if isinstance(dask, dict) and not dask.get("local_directory"):
+            scratch = str(Path(raw["work_dir"]) / "scratch" / "dask")
+            raw = {**raw, "dask": {**dask, "local_directory": scratch}}
+        return raw
 
     @field_validator("sites")
     @classmethod
