@@ -20,9 +20,27 @@ if [ ! -e "$POLICY" ]; then
   $SUDO chmod +x "$POLICY"
   trap '$SUDO rm -f "$POLICY"' EXIT
 fi
+APT_WAIT=600  # seconds to wait for another apt/dpkg process to let go of its lock
+apt_get() {
+  # apt-get waits for the dpkg lock itself (DPkg::Lock::Timeout); the package lists' lock that
+  # `update` takes is not waited for by every apt version: retry while another apt holds it.
+  local deadline=$((SECONDS + APT_WAIT)) out
+  while :; do
+    if out=$($SUDO apt-get -o DPkg::Lock::Timeout="$APT_WAIT" "$@" 2>&1); then
+      return 0
+    fi
+    if ! grep -qE "Could not get lock|Unable to (lock|acquire)|another process using it" \
+        <<<"$out" || ((SECONDS >= deadline)); then
+      printf '%s\n' "$out" >&2
+      return 1
+    fi
+    echo "infra/install-services.sh: another apt/dpkg process holds its lock; waiting" >&2
+    sleep 5
+  done
+}
 echo "infra/install-services.sh: installing orthanc and orthanc-dicomweb (apt-get)" >&2
-$SUDO apt-get update -qq
-$SUDO apt-get install -y -qq --no-install-recommends orthanc orthanc-dicomweb gcc libc6-dev >/dev/null
+apt_get update -qq
+apt_get install -y -qq --no-install-recommends orthanc orthanc-dicomweb gcc libc6-dev
 if command -v service >/dev/null 2>&1; then
   $SUDO service orthanc stop >/dev/null 2>&1 || true
 fi
