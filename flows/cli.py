@@ -14,7 +14,8 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from flows.secret import SecretError
+from flows.run_log import RunLog
+from flows.secret import SecretError, keys_from_env
 from schemas.config import ConfigError, RadrepoConfig, load_config, parse_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -55,8 +56,8 @@ def _one_off_config(sources: list[str], clinical: list[str], remaps: list[str],
     for site, path in source_paths.items():
         try:
             kind = detect_source_kind(path)
-        except FileNotFoundError as err:
-            _fail(str(err), 2)
+        except FileNotFoundError:
+            _fail(f"site {site}: the source folder is missing or unreadable", 2)
         entry = {"site_id": site, "source": {"kind": kind, "path": path}}
         if site in clinical_paths:
             entry["clinical"] = {"path": clinical_paths[site]}
@@ -97,11 +98,22 @@ def _data_errors() -> tuple[type[Exception], ...]:
     from tasks.deidentify.clinical import ClinicalError
     from tasks.deidentify.remap import RemapError
     from tasks.deidentify.tabular import TabularError
+    from tasks.failures import SourceUnavailable
     from tasks.pacs import PacsUnavailable
     from tasks.verify import LeakFound
 
     return (BatchNotFound, AccountingError, ClinicalError, RemapError, TabularError, LeakFound,
-            PacsUnavailable)
+            PacsUnavailable, SourceUnavailable)
+
+
+def _fail_run(err: Exception, log: RunLog | None) -> None:
+    """End a failed run with one line (a data error's first line, else only the error's
+    kind); the traceback goes to the run's log file in the work folder, never the console."""
+    if isinstance(err, _data_errors()):
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+    else:
+        message = f"the run stopped on an unexpected {type(err).__name__}"
+    _fail(log.failure(err, message) if log else message, 1)
 
 
 def _run_nightly(config: RadrepoConfig, sites: list[str] | None, batches: list[str] | None,
@@ -146,6 +158,7 @@ def run(
     work: Annotated[Path | None, typer.Option(help="private work folder (no CONFIG)")] = None,
 ) -> None:
     """Run every new batch (nightly), or the named sites/batches."""
+    log = None
     try:
         if config is not None:
             if source or clinical or remap or release or work:
@@ -157,11 +170,18 @@ def run(
             cfg = _one_off_config(source, clinical or [], remap or [], release, work)
         for s in site or []:
             cfg.site(s)
+        keys_from_env(cfg.secret_env)  # before anything is written to the work folder
+        log = RunLog(cfg.work_dir)
         summaries = _run_nightly(cfg, site, batch, force)
     except (ConfigError, SecretError) as err:
         _fail(str(err), 2)
-    except _data_errors() as err:
-        _fail(str(err), 1)
+    except typer.Exit:
+        raise
+    except Exception as err:  # noqa: BLE001 - one line on the console, the rest in the log
+        _fail_run(err, log)
+    finally:
+        if log:
+            log.close()
     print_summaries(summaries)
 
 
@@ -185,16 +205,23 @@ def backfill(
         _fail("--since/--until take a date as YYYY-MM-DD", 2)
     if not batch and days == [None, None]:
         _fail("name --batch ids or a --since/--until window", 2)
+    log = None
     try:
         cfg = load_config(config)
         for s in site or []:
             cfg.site(s)
         keys_from_env(cfg.secret_env)
+        log = RunLog(cfg.work_dir)
         summaries = backfill_flow(cfg, sites=site, batches=batch, since=days[0], until=days[1])
     except (ConfigError, SecretError) as err:
         _fail(str(err), 2)
-    except _data_errors() as err:
-        _fail(str(err), 1)
+    except typer.Exit:
+        raise
+    except Exception as err:  # noqa: BLE001 - one line on the console, the rest in the log
+        _fail_run(err, log)
+    finally:
+        if log:
+            log.close()
     print_summaries(summaries, empty="nothing to do: no batch matches")
 
 

@@ -73,8 +73,9 @@ def test_unreachable_pacs_ends_the_run_with_one_line_after_the_other_sites(
                 f"    source: {{kind: flat, path: '{corpus_dir / flat['source']}'}}\n")
     result = runner.invoke(app, ["run", str(cfg)])
     assert result.exit_code == 1
-    assert result.output.strip().splitlines()[-1] == (
-        f"radrepo: site a: QIDO-RS at http://127.0.0.1:{port}: ConnectError (after 2 attempts)")
+    assert result.output.strip().splitlines()[-1].startswith(
+        f"radrepo: site a: QIDO-RS at http://127.0.0.1:{port}: ConnectError (after 2 attempts)"
+        f" (details: {tmp_path / 'w' / 'logs'}/radrepo-")
     assert list((tmp_path / "r" / "batches" / flat_id).glob("*/COMPLETE"))  # not held up
 
 
@@ -99,7 +100,7 @@ def test_one_off_run_and_query(prefect_server, corpus, tmp_path):
     assert bad.exit_code == 1 and "query failed" in bad.output
     missing = runner.invoke(app, ["run", "--source", "x=/no/such/folder", "--release", "r",
                                   "--work", "w"])
-    assert missing.exit_code == 2 and "does not exist" in missing.output
+    assert missing.exit_code == 2 and "site x: the source folder is missing" in missing.output
 
 
 def test_demo_prints_counts_and_is_repeatable(prefect_server, tmp_path, monkeypatch):
