@@ -14,6 +14,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from flows.child_processes import start_temporary_prefect_server
 from flows.run_log import RunLog
 from flows.secret import SecretError, keys_from_env
 from schemas.config import ConfigError, RadrepoConfig, load_config, parse_config
@@ -122,6 +123,7 @@ def _run_nightly(config: RadrepoConfig, sites: list[str] | None, batches: list[s
     from flows.secret import keys_from_env
 
     keys_from_env(config.secret_env)
+    start_temporary_prefect_server()
     return nightly(config, sites=sites, batches=batches, force=force)
 
 
@@ -212,6 +214,7 @@ def backfill(
             cfg.site(s)
         keys_from_env(cfg.secret_env)
         log = RunLog(cfg.work_dir)
+        start_temporary_prefect_server()
         summaries = backfill_flow(cfg, sites=site, batches=batch, since=days[0], until=days[1])
     except (ConfigError, SecretError) as err:
         _fail(str(err), 2)
