@@ -534,7 +534,10 @@ class _Objects:
             self.quarantine_dir.mkdir(parents=True, exist_ok=True)
             target = self.quarantine_dir / row["object_id"]
             if os.path.abspath(data_path) != str(target):
-                shutil.copyfile(data_path, target)
+                try:
+                    shutil.copyfile(data_path, target)
+                except OSError:  # the record and its reason stand without the copy
+                    target.unlink(missing_ok=True)
         self.quarantined.append(
             {"object_id": row["object_id"], "key": key, "stage": "ingest", "reason": reason}
         )
@@ -801,7 +804,7 @@ def detect_source_kind(url: str, storage_options: dict | None = None) -> str:
     """``zip_batches`` when the folder holds tip-sheet batch folders, else ``folder``."""
     fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
     if not fs.isdir(root):
-        raise FileNotFoundError(f"source folder does not exist: {url}")
+        raise FileNotFoundError("the source folder does not exist")  # the caller names the site
     names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False) if fs.isdir(p)]
     return "zip_batches" if any(BATCH_FOLDER.match(n) for n in names) else "folder"
 

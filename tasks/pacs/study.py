@@ -93,7 +93,7 @@ def read_accession_list(path: Path) -> dict[str, int]:
     try:
         lines = path.read_text().splitlines()
     except OSError as err:
-        raise PacsUnavailable(f"cannot read the accession list {path}: {err.strerror}") from None
+        raise PacsUnavailable(f"cannot read the accession list ({err.strerror})") from None
     numbers: dict[str, int] = {}
     for line_number, line in enumerate(lines, start=1):
         number = line.split("#", 1)[0].strip()
