@@ -18,6 +18,7 @@ from schemas.config import SiteConfig
 from tasks import ingest
 from tasks.failures import SourceUnavailable
 from tests.test_deidentify import identified_ct
+from tests.test_s3 import s3_endpoint  # noqa: F401, F811 - the moto S3 server fixture
 
 ZIP_FOLDER = "CT-UPDATE-20200519-COMPLETE"
 
@@ -264,3 +265,29 @@ def test_a_missing_clinical_export_fails_with_one_line_naming_the_site(tmp_path)
         deidentify_clinical(str(path), ClinicalConfig(path=str(path)),
                             PseudonymKeys(b"k" * 32), "s1", {})
     assert str(caught.value) == "site s1: the clinical export is missing or unreadable"
+
+
+def test_on_s3_an_object_that_vanishes_is_quarantined_and_a_missing_prefix_is_one_line(
+        s3_endpoint, tmp_path):  # noqa: F811 - the fixture imported above
+    import s3fs
+
+    options = {"client_kwargs": {"endpoint_url": s3_endpoint}}
+    fs = s3fs.S3FileSystem(**options)
+    fs.mkdir("radrepo-hostile")
+    for sop in ("1.2.81.1", "1.2.81.2"):
+        identified_ct(tmp_path / f"{sop}.dcm", sop=sop)
+        fs.put(str(tmp_path / f"{sop}.dcm"), f"radrepo-hostile/s1/p/{sop}.dcm")
+    cfg = SiteConfig(site_id="s1", source={"kind": "folder", "path": "s3://radrepo-hostile/s1",
+                                           "storage_options": options})
+    work = str(tmp_path / "work")
+    [batch] = ingest.discover_batches(cfg, work, set())
+    fs.rm("radrepo-hostile/s1/p/1.2.81.2.dcm")
+    fs.invalidate_cache()
+    rows = ingest.ingest_batch(batch, cfg.source, work).index.to_pylist()
+    assert [(r["key"], r["reason"]) for r in rows] == [
+        ("p/1.2.81.1.dcm", None), ("p/1.2.81.2.dcm", "file vanished during ingest")]
+    gone = SiteConfig(site_id="s1", source={"kind": "folder", "path": "s3://radrepo-hostile/nope",
+                                            "storage_options": options})
+    with pytest.raises(SourceUnavailable) as caught:
+        ingest.discover_batches(gone, work, set())
+    assert str(caught.value) == "site s1: the source folder is missing or unreadable"
