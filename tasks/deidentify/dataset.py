@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import date, timedelta
-from functools import cached_property
+from functools import lru_cache
 
 from tasks.deidentify.text import IdentifierMatcher
 
@@ -63,10 +63,16 @@ class PatientContext:
     offset_days: int
     identifiers: tuple[str, ...]
 
-    @cached_property
+    @property
     def matcher(self) -> IdentifierMatcher:
         """The file's identifiers, matched as whole tokens after normalization."""
-        return IdentifierMatcher(self.identifiers, min_number=MIN_CLEANED_NUMBER)
+        return cleaning_matcher(self.identifiers)
+
+
+@lru_cache(maxsize=256)
+def cleaning_matcher(identifiers: tuple[str, ...]) -> IdentifierMatcher:
+    """One matcher per set of identifiers (the files of a study mostly share theirs)."""
+    return IdentifierMatcher(identifiers, min_number=MIN_CLEANED_NUMBER)
 
 
 def age_in_years(birth: date | None, at: date | None) -> int | None:

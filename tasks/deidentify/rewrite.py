@@ -193,6 +193,7 @@ class Rewriter:
     top: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
     pixel: tuple[int, int] | None = None
     tokens_removed: int = 0
+    parsed: dict[int, list[Raw]] = field(default_factory=dict)  # item offset -> its elements
 
     def level(self, raws: list[Raw], nested: bool,
               extra: list[tuple[int, bytes]] = ()) -> list[Chunk]:
@@ -295,7 +296,8 @@ class Rewriter:
             return encode_element(r.tag, b"SQ", b"")
         body = []
         for start, end in items_of(self.buf, r):
-            item = b"".join(self.level(elements(self.buf, start, end)[0], nested=True))
+            raws = self.parsed.get(start) or elements(self.buf, start, end)[0]
+            item = b"".join(self.level(raws, nested=True))
             body.append(pack("<HHI", 0xFFFE, 0xE000, len(item)) + item)
         return encode_element(r.tag, b"SQ", b"".join(body))
 

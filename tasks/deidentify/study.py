@@ -146,7 +146,8 @@ def _deidentify_file(f: SourceFile, ctx: DeidContext, profile, siteid: str, uid_
         raws, _ = elements(buf, start, len(buf))
         encodings = read_charset(buf, raws)
         values = top_values(buf, raws, encodings)
-        found = collect_identifiers(buf, raws, encodings, meta_elements(buf))
+        parsed: dict = {}
+        found = collect_identifiers(buf, raws, encodings, meta_elements(buf), parsed)
     except TruncatedDataset:
         raise _Quarantine(TRUNCATED) from None
     except Exception as err:  # noqa: BLE001
@@ -163,7 +164,7 @@ def _deidentify_file(f: SourceFile, ctx: DeidContext, profile, siteid: str, uid_
         identifiers=tuple(sorted(found | {source_pid})),
     )
     identifiers.update(patient.identifiers)
-    rewriter = Rewriter(buf, profile, patient, uid_map, encodings)
+    rewriter = Rewriter(buf, profile, patient, uid_map, encodings, parsed=parsed)
     age = None
     if "retain_patient_chars" in profile.options and not values.get(PATIENT_AGE):
         age = _patient_age(values.get(BIRTH_DATE), values.get(STUDY_DATE)

@@ -230,6 +230,7 @@ def _allowed(text: str) -> tuple[tuple[tuple[str, str], ...], int]:
     return tuple(keep), removed
 
 
+@lru_cache(maxsize=16384)
 def clean_free_text(text: str, matcher: IdentifierMatcher | None) -> tuple[str, int]:
     """Free text reduced to vocabulary words, without dates and without the identifiers
     ``matcher`` knows, and how many tokens were removed."""
@@ -239,6 +240,7 @@ def clean_free_text(text: str, matcher: IdentifierMatcher | None) -> tuple[str, 
     return _rebuild(pairs, drop).strip(), removed + len(drop)
 
 
+@lru_cache(maxsize=16384)
 def remove_identifiers(text: str, matcher: IdentifierMatcher) -> tuple[str, int]:
     """Text without the words that belong to an identifier (kept values that are not free
     text: the rest stays as it was), and how many words were removed."""

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from functools import lru_cache
 from struct import pack, unpack_from
 from typing import BinaryIO
 
-from pydicom.charset import decode_bytes
 from pydicom.datadict import keyword_for_tag
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
@@ -24,6 +24,7 @@ from tasks.deidentify.rewrite import (
     Raw,
     TruncatedDataset,
     dataset_start,
+    decoded_text,
     dictionary_vr,
     elements,
     items_of,
@@ -35,7 +36,6 @@ PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 TEXT_VRS = frozenset({b"AE", b"AS", b"CS", b"DA", b"DS", b"DT", b"IS", b"LO", b"LT", b"PN",
                       b"SH", b"ST", b"TM", b"UC", b"UI", b"UR", b"UT"})
 OPAQUE_VRS = frozenset({b"OB", b"UN"})  # may hold text a vendor packed in
-NAME_DELIMITERS = {"^", "="}
 BIRTH_DATE = 0x00100030
 # values that identify a patient, an encounter or a place, wherever they sit (names: every PN)
 ID_TAGS = frozenset({
@@ -60,10 +60,12 @@ def name_of(tag: int) -> str:
     return keyword_for_tag(tag) or f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
 
 
-def walk(buf: memoryview, raws: list[Raw], encodings: list[str],
-         nested: bool = False) -> Iterator[tuple[Raw, bytes, list[str], bool]]:
+def walk(buf: memoryview, raws: list[Raw], encodings: list[str], nested: bool = False,
+         parsed: dict[int, list[Raw]] | None = None,
+         ) -> Iterator[tuple[Raw, bytes, list[str], bool]]:
     """(element, effective VR, character sets, nested) for every element but sequences,
-    sequence items walked in place; a known UN element gets its dictionary VR."""
+    sequence items walked in place; a known UN element gets its dictionary VR. ``parsed``
+    remembers each item's elements by its offset, for the rewrite that follows."""
     for r in raws:
         vr = r.vr
         if vr == b"UN":
@@ -71,9 +73,11 @@ def walk(buf: memoryview, raws: list[Raw], encodings: list[str],
         if r.vr == b"SQ":
             for start, end in items_of(buf, r):
                 inner = elements(buf, start, end)[0]
+                if parsed is not None:
+                    parsed[start] = inner
                 charset = (read_charset(buf, inner)
                            if any(i.tag == 0x00080005 for i in inner) else encodings)
-                yield from walk(buf, inner, charset, nested=True)
+                yield from walk(buf, inner, charset, True, parsed)
         elif vr == b"SQ":
             yield r, b"UN", encodings, nested  # a sequence hidden in UN stays opaque
         else:
@@ -82,28 +86,28 @@ def walk(buf: memoryview, raws: list[Raw], encodings: list[str],
 
 def text_of(buf: memoryview, r: Raw, vr: bytes, encodings: list[str]) -> str:
     """A text element's value decoded with the file's character sets."""
-    delimiters = NAME_DELIMITERS if vr == b"PN" else set()
-    return decode_bytes(bytes(buf[r.value_start:r.value_end]), encodings,
-                        delimiters).rstrip("\0 ")
+    return decoded_text(bytes(buf[r.value_start:r.value_end]), tuple(encodings), vr)
 
 
-def _name_parts(name: str) -> set[str]:
+@lru_cache(maxsize=4096)
+def _name_parts(name: str) -> frozenset[str]:
     out = {name}
     for part in re.split(r"[\^=]+", name):
         part = part.strip()
         if part:
             out.add(part)
             out.update(w for w in part.split() if w)
-    return out
+    return frozenset(out)
 
 
 def collect_identifiers(buf: memoryview, raws: list[Raw], encodings: list[str],
-                        meta: list[Raw] = ()) -> set[str]:
+                        meta: list[Raw] = (),
+                        parsed: dict[int, list[Raw]] | None = None) -> set[str]:
     """Every identifying value a file holds, wherever it sits: names (every PN, nested and
     Other Patient Names included) with their parts, IDs, places, the birth date in the forms
     free text writes it, and the file meta's AE titles."""
     found: set[str] = set()
-    for r, vr, charset, _ in walk(buf, raws, encodings):
+    for r, vr, charset, _ in walk(buf, raws, encodings, parsed=parsed):
         if r.value_end == r.value_start or not (vr == b"PN" or r.tag in ID_TAGS
                                                  or r.tag == BIRTH_DATE):
             continue
@@ -118,7 +122,7 @@ def collect_identifiers(buf: memoryview, raws: list[Raw], encodings: list[str],
             if vr == b"PN":
                 found |= _name_parts(value)
             elif r.tag == BIRTH_DATE:
-                found.update(birth_date_forms(value))
+                found.update(_birth_date_forms(value))
             else:
                 found.add(value)
     for r in meta:
@@ -127,6 +131,11 @@ def collect_identifiers(buf: memoryview, raws: list[Raw], encodings: list[str],
             if value:
                 found.add(value)
     return found
+
+
+@lru_cache(maxsize=4096)
+def _birth_date_forms(value: str) -> tuple[str, ...]:
+    return tuple(birth_date_forms(value))
 
 
 def meta_elements(buf: memoryview) -> list[Raw]:
