@@ -115,7 +115,7 @@ def verify_step(identifiers_path: str, assembled: catalog.CatalogBatch, run: pa.
     for relative, data in reports.items():
         findings += verify.scan_names([relative], matcher)
         if relative.endswith(".html"):
-            findings += verify.scan_text(relative, data.decode().splitlines(), matcher)
+            findings += verify.scan_report(relative, data, matcher)
     findings += verify.scan_outputs(assembled.files, matcher)
     for name, table in {**assembled.tables, "runs": run}.items():
         findings += verify.scan_table(name, table, matcher)

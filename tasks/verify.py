@@ -5,6 +5,7 @@ structure against the profile. Findings name the file and the element, never the
 
 from __future__ import annotations
 
+import html
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -242,6 +243,38 @@ def scan_table(name: str, table: pa.Table, matcher: IdentifierMatcher) -> list[F
     return findings
 
 
+# the contact sheet's fixed text (tasks/contact_sheet.py): whole cells, and words of its lines
+CONTACT_SHEET_CELLS = frozenset({"image", "modality", "description", "files", "study / series",
+                                 "flags", "no preview (pixel data not decodable here)"})
+CONTACT_SHEET_TEXT = ("QC contact sheet:", "QC contact sheet", " published series, ",
+                      " flagged (listed first). Look for burned-in text and wrong anatomy.")
+
+
+@cache
+def report_text() -> tuple[str, ...]:
+    """radrepo's fixed words in a report line, longest first: the contact sheet's, the QC
+    rule ids and the QC details' fixed words."""
+    rules = yaml.safe_load(resources.files("schemas").joinpath("qc_rules.yaml").read_text())
+    found = {*CONTACT_SHEET_TEXT, *qc_detail_text(), "no_clinical_record: ",
+             "inclusion_window: "}
+    found.update(f"{rule['id']}: " for rule in rules["rules"])
+    return tuple(sorted(found, key=len, reverse=True))
+
+
+def scan_report(where: str, data: bytes, matcher: IdentifierMatcher) -> list[Finding]:
+    """Findings in an HTML report: its markup and radrepo's fixed text are not searched, what
+    fills them in (descriptions, details, ids) is."""
+    text = re.sub(r"<style>.*?</style>", " ", data.decode("utf-8", "replace"), flags=re.S)
+    lines = []
+    for line in html.unescape(re.sub(r"<[^>]*>", "\n", text)).splitlines():
+        if line.strip() in CONTACT_SHEET_CELLS:
+            continue
+        for fragment in report_text():
+            line = line.replace(fragment, " ")
+        lines.append(line)
+    return scan_text(where, lines, matcher)
+
+
 def scan_text(where: str, lines: Iterable[str], matcher: IdentifierMatcher) -> list[Finding]:
     return [Finding(where, f"line {i}", "identifying value")
             for i, line in enumerate(lines) if matcher.in_text(line)]
@@ -249,7 +282,7 @@ def scan_text(where: str, lines: Iterable[str], matcher: IdentifierMatcher) -> l
 
 def check_structure(source: DicomSource, shown_as: str, profile: Profile) -> list[Finding]:
     """What the profile promises about any output file, checked without knowing the source."""
-    ds = dcmread(BytesIO(header_bytes(source)), stop_before_pixels=True)
+    ds = dcmread(BytesIO(header_bytes(source)))  # pixels left out: elements after them read
     out = []
 
     def bad(element: str, what: str) -> None:
@@ -277,8 +310,6 @@ def check_structure(source: DicomSource, shown_as: str, profile: Profile) -> lis
         elif not elem.tag.is_private and (tag & 0xFFFF) and not elem.keyword and (
                 tag >> 16) != 0xFFFE:
             bad(name, "public element the dictionary does not know")
-        elif elem.VR == "UN" and not elem.tag.is_private:
-            bad(name, "VR UN although the dictionary knows the element")
         if elem.VR == "UI" and elem.value:
             values = elem.value if elem.VM > 1 else [elem.value]
             for v in values:

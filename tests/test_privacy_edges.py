@@ -29,6 +29,7 @@ from schemas.config import parse_config
 from schemas.pipeline import OK, QUARANTINED, SOURCE_INDEX
 from tasks import verify
 from tasks.deidentify import deidentify_batch
+from tasks.deidentify.profile import load_profile
 from tasks.deidentify.study import DeidContext, SourceFile, deidentify_study
 from tasks.deidentify.text import IdentifierMatcher, birth_date_forms, clean_free_text
 from tests.test_deidentify import KEYS, OPTIONS
@@ -141,6 +142,14 @@ def test_elements_after_the_pixels_and_fake_pixel_tags_are_walked(tmp_path, impl
     assert out.PixelData == PIXELS
     assert_clean(row, ["DOE", "JANE", "MRN77123"], raw, matcher,
                  {"ManufacturerModelName", "PatientName", "PatientID", "(8000,0010)"})
+    # without the identifier lists, radrepo verify still sees an element after the pixels
+    profile = load_profile(OPTIONS)
+    assert verify.check_structure(row["output_path"], "x.dcm", profile) == []
+    out.add_new(0x80000010, "LO", "anything")
+    out.save_as(tmp_path / "tampered.dcm")
+    assert [(f.element, f.what) for f in verify.check_structure(
+        tmp_path / "tampered.dcm", "x.dcm", profile)] == [
+        ("(8000,0010)", "public element the dictionary does not know")]
 
 
 def test_read_header_seeks_past_the_pixels(tmp_path):
@@ -300,6 +309,26 @@ def test_innocent_names_are_not_blocked_by_radrepos_own_text(tmp_path, name):
     # is radrepo's own dummy value, which cannot be told apart from it and names no one)
     caught = "PatientName" in verify.elements_holding(verify.header_bytes(raw), matcher)
     assert caught == (name != "ANONYMIZED")
+
+
+def test_reports_fixed_text_is_not_searched_but_what_fills_it_is():
+    from schemas.catalog import QC, SERIES
+    from tasks.contact_sheet import contact_sheet
+
+    matcher = IdentifierMatcher(["CONTACT^SHEET", "CONTACT", "SHEET", "LOCALIZER^WRONG",
+                                 "LOCALIZER", "WRONG"])
+    series = pa.Table.from_pylist([
+        {"series_uid": "2.25.1", "study_uid": "2.25.2", "modality": "CT",
+         "description": "AXIAL", "n_instances": 1, "status": "published"}], schema=SERIES)
+    qc = pa.Table.from_pylist([{"level": "series", "uid": "2.25.1", "rule": "ct_localizer",
+                                "outcome": "flagged", "detail": "CT localizer (scout)"}],
+                              schema=QC)
+    [page] = [v for k, v in contact_sheet("s1", "b1", series, qc, {}).items()
+              if k.endswith(".html")]
+    assert verify.scan_report("contact-sheet.html", page, matcher) == []
+    leaked = page.replace(b"<td>AXIAL</td>", b"<td>AXIAL for Sheet</td>")
+    [finding] = verify.scan_report("contact-sheet.html", leaked, matcher)
+    assert finding.where == "contact-sheet.html" and "Sheet" not in str(finding)
 
 
 def test_innocent_batch_publishes_and_a_leaking_catalog_fails_naming_the_place(
