@@ -1,8 +1,8 @@
 """``radrepo deidentify``: clean one export folder now, with the pipeline's own profile and gate.
 
 No Prefect and no catalog: ingest the folder (zips included) into a private temporary area,
-de-identify every study (on Dask workers when asked), verify, then move the files into
-``OUT/<patient>/<study>/<series>/<sop>.dcm``.
+de-identify every study (on Dask workers when asked), quarantine each file the gate still finds
+an identifier in, then move the others into ``OUT/<patient>/<study>/<series>/<sop>.dcm``.
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ class FolderResult:
 
 def deidentify_folder(in_dir: Path, out_dir: Path, site_id: str, options: tuple[str, ...],
                       keys: PseudonymKeys, workers: int = 1) -> FolderResult:
-    """De-identify every DICOM object under ``in_dir`` into ``out_dir``; raise LeakFound on a
-    gate finding (nothing is written then)."""
+    """De-identify every DICOM object under ``in_dir`` into ``out_dir``; a file the gate still
+    finds an identifier in is quarantined (``gate: <element>``); raise LeakFound if an output
+    path would hold one (nothing is written then)."""
     site = SiteConfig(site_id=site_id, source={"kind": "folder", "path": str(in_dir)})
     with tempfile.TemporaryDirectory(prefix="radrepo-deid-") as private:
         [batch] = ingest.discover_batches(site, private, set()) or [None]
@@ -50,11 +51,12 @@ def deidentify_folder(in_dir: Path, out_dir: Path, site_id: str, options: tuple[
                    if workers > 1 else nullcontext())
         with cluster as client:
             table = deidentify_batch(index, ctx, identifiers, client)
+        matcher = verify.read_identifiers([Path(identifiers)])
+        table = verify.gate_deidentified(table, matcher)  # a file still identifying: quarantined
         done = table.filter(pc.equal(table["status"], OK)).to_pylist()
         placed = [(r["output_path"], f"{r['patient_id']}/{r['study_uid']}/{r['series_uid']}/"
                    f"{r['sop_uid']}.dcm") for r in done]
-        matcher = verify.read_identifiers([Path(identifiers)])
-        verify.raise_if_found(verify.scan_outputs(placed, matcher))
+        verify.raise_if_found(verify.scan_names([rel for _, rel in placed], matcher))
         targets = dict((rel, path) for path, rel in placed)  # same SOP UID: one file
         for rel, path in targets.items():
             target = out_dir / rel

@@ -55,6 +55,14 @@ def deidentify_step(index: pa.Table, ctx: DeidContext, identifiers_path: str,
         return deidentify_batch(index, ctx, identifiers_path, client)
 
 
+@step(name="gate_files")
+def gate_files_step(deidentified: pa.Table, identifiers_path: str) -> pa.Table:
+    """Quarantine each file the cleaner could not make safe (``gate: <element>``); the rest of
+    the batch goes on to QC and the catalog."""
+    matcher = verify.read_identifiers([Path(identifiers_path)])
+    return verify.gate_deidentified(deidentified, matcher)
+
+
 @step(name="deidentify_clinical")
 def deidentify_clinical_step(config: RadrepoConfig, site_id: str, keys,
                              remap) -> DeidentifiedClinical:
@@ -112,7 +120,7 @@ def verify_step(work_dir: str, site_id: str, assembled: catalog.CatalogBatch, ru
     for relative, data in reports.items():
         findings += verify.scan_names([relative], matcher)
         if relative.endswith(".html"):
-            findings += verify.scan_text(relative, data.decode().splitlines(), matcher)
+            findings += verify.scan_report(relative, data, matcher)
     findings += verify.scan_outputs(assembled.files, matcher)
     for name, table in {**assembled.tables, "runs": run}.items():
         findings += verify.scan_table(name, table, matcher)
@@ -180,6 +188,7 @@ def site_batch(config: RadrepoConfig, site_id: str, batch_id: str, force: bool =
     identifiers_path = str(Path(config.work_dir) / site_id / "index"
                            / f"{batch_id}.identifiers.parquet")
     deidentified = deidentify_step(ingested.index, ctx, identifiers_path, scheduler, config)
+    deidentified = gate_files_step(deidentified, identifiers_path)
     ingest.quarantine_later(ingested.index, deidentified, "deidentify", config.work_dir,
                             site_id, batch_id)
     emr = deidentify_clinical_step(config, site_id, keys, remap)

@@ -51,6 +51,7 @@ SERIES = pa.schema(
         ("description", pa.string()),
         ("image_type", pa.string()),
         ("n_instances", pa.int32()),
+        ("text_tokens_removed", pa.int32()),  # words text cleaning removed (never which)
         ("status", pa.string()),
         ("reason", pa.string()),
     ]

@@ -70,6 +70,7 @@ DEIDENTIFIED = pa.schema(
         ("exam_key", pa.string()),
         ("exam_time", pa.timestamp("s")),
         ("member_key", pa.string()),
+        ("text_tokens_removed", pa.int32()),  # words the text cleaning removed (never which)
     ]
 )
 

@@ -122,6 +122,7 @@ def assemble_catalog(
             "slice_thickness": min(thickness) if thickness else None,
             "description": first["series_description"], "image_type": first["image_type"],
             "n_instances": sum(reason_of[m["seq"]] is None for m in members),
+            "text_tokens_removed": sum(m.get("text_tokens_removed") or 0 for m in members),
             "status": status, "reason": reason,
         })
 

@@ -5,27 +5,61 @@ structure against the profile. Findings name the file and the element, never the
 
 from __future__ import annotations
 
+import html
 import os
 import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from io import BytesIO
 from pathlib import Path
 from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
 from pydicom import dcmread
-from pydicom.dataset import Dataset
 from pydicom.uid import UID_dictionary
 
-from tasks.deidentify.profile import Profile
+from schemas.pipeline import OK, QUARANTINED
+from tasks.deidentify.dataset import DUMMY_BY_VR
+from tasks.deidentify.profile import BASIC_PROFILE_CODE, OPTIONS, Profile
+from tasks.deidentify.rewrite import (
+    MalformedDataset,
+    dataset_start,
+    decoded_text,
+    elements,
+    read_charset,
+)
+from tasks.deidentify.study import explicit_little_endian
+from tasks.deidentify.text import IdentifierMatcher
+from tasks.deidentify.walk import (
+    OPAQUE_VRS,
+    PIXEL_TAGS,
+    TEXT_VRS,
+    NotExplicitLittleEndian,
+    meta_elements,
+    name_of,
+    read_header,
+    walk,
+)
 from tasks.publish import Release
 
-MIN_WORD = 3
-MIN_NUMBER = 5
-PIXEL_TAGS = (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")
+__all__ = ["IdentifierMatcher"]  # the gate's matcher is the cleaner's (tasks/deidentify/text.py)
+
 PSEUDONYM = re.compile(r"^P[0-9A-F]{16}$")
+HEAD_READ = 1 << 16
+# radrepo's own text in its output: the method it names and the codes of its options. Such a
+# value is never searched for source identifiers (a patient called CLEAN would match "Clean
+# Descriptors Option"); any other value in the same elements still is.
+METHOD_DESCRIPTION = re.compile(r"radrepo PS3\.15 Basic ?[0-9+]*")
+CODE_TEXT = frozenset({BASIC_PROFILE_CODE[0], BASIC_PROFILE_CODE[1], "DCM"}
+                      | {part for _, code, meaning in OPTIONS.values() for part in (code, meaning)})
+CONSTANT_VALUES = frozenset({"YES", "MODIFIED"} | {v for v in DUMMY_BY_VR.values()
+                                                   if isinstance(v, str)})
+METHOD, METHOD_CODES = 0x00120063, 0x00120064
 
 
 class LeakFound(RuntimeError):
@@ -40,63 +74,6 @@ class Finding:
 
     def __str__(self) -> str:
         return f"{self.where}: {self.element}: {self.what}"
-
-
-TOKEN = re.compile(r"[0-9]+(?:\.[0-9]+)+|[^\W_]+")
-
-
-def _tokens(text: str) -> list[str]:
-    return TOKEN.findall(text.lower())
-
-
-class IdentifierMatcher:
-    """Case-insensitive search for a set of identifying values, in text or bytes, by token.
-
-    Text is cut into tokens (words, numbers, dotted numbers such as UIDs); a single-token
-    identifier matches a whole token only, so an ID inside a longer number or UID, or a name
-    inside a longer word, is no finding. Identifiers of several tokens (a full name, an
-    address) match as a phrase. Words under 3 letters and numbers under 5 digits are too
-    common to search for without drowning real findings.
-    """
-
-    def __init__(self, values: Iterable[str]):
-        self.words: set[str] = set()
-        phrases: set[str] = set()
-        for value in values:
-            v = value.strip().lower()
-            toks = _tokens(v)
-            if not toks:
-                continue
-            if len(toks) == 1 and toks[0] == v:
-                digits = sum(c.isdigit() for c in v)
-                if (digits >= MIN_NUMBER) if digits == len(v.replace(".", "")) else (
-                        len(v) >= MIN_WORD):
-                    self.words.add(v)
-            elif len(v) >= MIN_WORD:
-                phrases.add(v)
-        alternation = "|".join(re.escape(p) for p in sorted(phrases, key=len, reverse=True))
-        self.phrases = (re.compile(rf"(?<![^\W_])(?:{alternation})(?![^\W_])", re.IGNORECASE)
-                        if phrases else None)
-        self.empty = not (self.words or phrases)
-
-    def in_text(self, text: str) -> bool:
-        if self.empty:
-            return False
-        if not self.words.isdisjoint(_tokens(text)):
-            return True
-        return self.phrases is not None and self.phrases.search(text) is not None
-
-    def in_bytes(self, data: bytes) -> bool:
-        """Search raw bytes read as UTF-8 and as Latin-1 (the character sets a header uses)."""
-        if self.empty:
-            return False
-        if data.isascii():
-            return self.in_text(data.decode("ascii"))
-        return self.in_text(data.decode("utf-8", "replace")) or self.in_text(
-            data.decode("latin-1"))
-
-
-HEAD_READ = 1 << 16
 
 
 DicomSource = str | os.PathLike | BinaryIO  # a local path, or a file open for reading
@@ -114,49 +91,96 @@ def _opened(source: DicomSource) -> Iterator[BinaryIO]:
 
 
 def header_bytes(source: DicomSource) -> bytes:
-    """A DICOM file's bytes before its pixel data (the whole file if it has none).
-
-    Headers are small: the first 64 KiB usually hold the pixel data tag, so the pixels are
-    not read at all; otherwise the whole file is read and the last such tag taken.
-    """
+    """A DICOM file's bytes, every element read by its length, with the pixel values left out
+    (seeked past, never read). A file in another encoding (a source file, never radrepo's
+    output) is re-encoded as explicit VR little endian first, pixels and all."""
     with _opened(source) as fh:
-        head = fh.read(HEAD_READ)
-        cut = head.find(b"\xe0\x7f\x10\x00O")
-        if cut > 0:
-            return head[:cut]
-        data = head + fh.read()
-    cut = max(data.rfind(tag) for tag in PIXEL_TAGS)
-    return data[:cut] if cut > 0 else data
+        try:
+            return read_header(fh)
+        except NotExplicitLittleEndian:
+            fh.seek(0)
+            return bytes(explicit_little_endian(fh.read())[0])
 
 
-def _element_values(ds: Dataset):
-    """(keyword or tag, value as text) for every non-sequence element but the pixel data."""
-    for elem in ds.iterall():
-        if elem.VR == "SQ" or elem.tag == 0x7FE00010 or elem.value is None:
+def elements_holding(data: bytes, matcher: IdentifierMatcher) -> list[str]:
+    """The elements (keyword or tag; nested, private, after the pixels and file meta
+    included) whose decoded value holds an identifier ``matcher`` knows."""
+    buf = memoryview(data)
+    found = dataset_start(buf)
+    if found is None:
+        raise MalformedDataset("not a Part 10 file")
+    raws = elements(buf, found[0], len(buf))[0]
+    encodings = read_charset(buf, raws)
+    hits = {name_of(r.tag) for r in _scanned(buf, raws, encodings, matcher)}
+    hits |= {f"file meta {name_of(r.tag)}"
+             for r in _scanned(buf, meta_elements(buf), encodings, matcher)}
+    return sorted(hits)
+
+
+def _scanned(buf: memoryview, raws, encodings: list[str], matcher: IdentifierMatcher):
+    """The elements of one level (and below) that hold a match."""
+    own = [r for r in raws if not _radrepo_constant(buf, r, encodings)]
+    for r, vr, charset, nested in walk(buf, own, encodings):
+        if r.value_end == r.value_start or (r.tag in PIXEL_TAGS and not nested):
             continue
-        value = elem.value
-        text = value.decode("latin-1") if isinstance(value, bytes) else str(value)
-        yield elem.keyword or str(elem.tag), text
+        value = bytes(buf[r.value_start:r.value_end])
+        if vr in TEXT_VRS:
+            try:
+                text = decoded_text(value, tuple(charset), vr)
+            except (LookupError, ValueError):
+                text = value.decode("latin-1")
+            if text.strip() not in CONSTANT_VALUES and matcher.in_text(text):
+                yield r
+        elif vr in OPAQUE_VRS and matcher.in_bytes(value):
+            yield r
 
 
-def locate(source: DicomSource, matcher: IdentifierMatcher) -> list[str]:
-    """The elements (by keyword or tag, nested and private included) that hold a match."""
-    with _opened(source) as fh:
-        ds = dcmread(fh, stop_before_pixels=True, force=True)
-    found = [name for name, value in _element_values(ds) if matcher.in_text(value)]
-    meta = getattr(ds, "file_meta", None)
-    if meta is not None:
-        found += [f"file meta {n}" for n, v in _element_values(meta) if matcher.in_text(v)]
-    return sorted(set(found)) or ["(raw bytes)"]
+def _radrepo_constant(buf: memoryview, r, encodings: list[str]) -> bool:
+    """Whether a top-level element holds exactly what radrepo writes there itself."""
+    if r.tag == METHOD:
+        text = bytes(buf[r.value_start:r.value_end]).decode("latin-1").rstrip("\0 ")
+        return METHOD_DESCRIPTION.fullmatch(text) is not None
+    if r.tag == METHOD_CODES:
+        values = {bytes(buf[i.value_start:i.value_end]).decode("latin-1").rstrip("\0 ")
+                  for i, _, _, _ in walk(buf, [r], encodings)}
+        return values <= CODE_TEXT
+    return False
 
 
 def scan_dicom_file(source: DicomSource, shown_as: str,
                     matcher: IdentifierMatcher) -> list[Finding]:
-    """Identifier findings in one DICOM file's header (nested and private elements included)."""
-    if not matcher.in_bytes(header_bytes(source)):
+    """Identifier findings in one DICOM file (every element, nested, private, after the pixels
+    and file meta included; the pixels themselves are not read)."""
+    return scan_header(header_bytes(source), shown_as, matcher)
+
+
+def scan_header(data: bytes, shown_as: str, matcher: IdentifierMatcher) -> list[Finding]:
+    """Identifier findings in a file's bytes as ``header_bytes`` reads them."""
+    if matcher.empty:
         return []
     return [Finding(shown_as, element, "identifying value")
-            for element in locate(source, matcher)]
+            for element in elements_holding(data, matcher)]
+
+
+def gate_deidentified(deidentified: pa.Table, matcher: IdentifierMatcher) -> pa.Table:
+    """The de-identified table with every file that still holds an identifier quarantined
+    (reason ``gate: <element keywords>``, never the value) and its output deleted, so the
+    rest of the batch can publish."""
+    rows = deidentified.to_pylist()
+    changed = False
+    for i, row in enumerate(rows):
+        if row["status"] != OK:
+            continue
+        try:
+            found = elements_holding(header_bytes(row["output_path"]), matcher)
+        except MalformedDataset:
+            found = ["(unreadable output)"]
+        if found:
+            Path(row["output_path"]).unlink(missing_ok=True)
+            rows[i] = {"seq": row["seq"], "object_id": row["object_id"],
+                       "status": QUARANTINED, "reason": "gate: " + ", ".join(found)}
+            changed = True
+    return pa.Table.from_pylist(rows, schema=deidentified.schema) if changed else deidentified
 
 
 def scan_outputs(files: Iterable[tuple[str, str]], matcher: IdentifierMatcher) -> list[Finding]:
@@ -173,17 +197,82 @@ def scan_names(names: Iterable[str], matcher: IdentifierMatcher) -> list[Finding
     return [Finding(n, "file name", "identifying value") for n in names if matcher.in_text(n)]
 
 
+# the clinical join's fixed words in its QC details (tasks/clinical.py)
+CLINICAL_DETAIL_TEXT = ("no clinical record for the patient (is an ID remap missing?)",
+                        " days before the index date; the window starts ",
+                        " days after the index date; the window ends ", " before", " after",
+                        " study ")
+
+
+@cache
+def qc_detail_text() -> tuple[str, ...]:
+    """radrepo's fixed words in QC details (the literals of the rule table's detail
+    expressions and the clinical join's), longest first: never searched, only what fills
+    them in is."""
+    rules = yaml.safe_load(resources.files("schemas").joinpath("qc_rules.yaml").read_text())
+    found = set(CLINICAL_DETAIL_TEXT)
+    for rule in rules["rules"]:
+        found.update(m.replace("''", "'") for m in re.findall(r"'((?:[^']|'')*)'",
+                                                               rule["detail"]))
+    return tuple(sorted((f for f in found if f.strip()), key=len, reverse=True))
+
+
+def _own_text_removed(table_kind: str, column: str, value: str) -> str:
+    """A catalog cell without radrepo's own constant text."""
+    if table_kind == "qc" and column == "detail":
+        for fragment in qc_detail_text():
+            value = value.replace(fragment, " ")
+    elif table_kind == "runs" and column == "profile" and METHOD_DESCRIPTION.fullmatch(value):
+        return ""
+    return value
+
+
 def scan_table(name: str, table: pa.Table, matcher: IdentifierMatcher) -> list[Finding]:
-    """Findings in the string cells of a catalog table (row numbers, not values, reported)."""
+    """Findings in the string cells of a catalog table (row numbers, not values, reported).
+    ``name`` is the table's name or its path under ``catalog/``."""
+    kind = name.split("/")[1] if name.startswith("catalog/") else name
     findings = []
     for field in table.schema:
         if not pa.types.is_string(field.type):
             continue
         for i, value in enumerate(table.column(field.name).to_pylist()):
-            if value is not None and matcher.in_text(value):
+            if value is not None and matcher.in_text(_own_text_removed(kind, field.name,
+                                                                        value)):
                 findings.append(Finding(f"catalog {name} row {i}", field.name,
                                         "identifying value"))
     return findings
+
+
+# the contact sheet's fixed text (tasks/contact_sheet.py): whole cells, and words of its lines
+CONTACT_SHEET_CELLS = frozenset({"image", "modality", "description", "files", "study / series",
+                                 "flags", "no preview (pixel data not decodable here)"})
+CONTACT_SHEET_TEXT = ("QC contact sheet:", "QC contact sheet", " published series, ",
+                      " flagged (listed first). Look for burned-in text and wrong anatomy.")
+
+
+@cache
+def report_text() -> tuple[str, ...]:
+    """radrepo's fixed words in a report line, longest first: the contact sheet's, the QC
+    rule ids and the QC details' fixed words."""
+    rules = yaml.safe_load(resources.files("schemas").joinpath("qc_rules.yaml").read_text())
+    found = {*CONTACT_SHEET_TEXT, *qc_detail_text(), "no_clinical_record: ",
+             "inclusion_window: "}
+    found.update(f"{rule['id']}: " for rule in rules["rules"])
+    return tuple(sorted(found, key=len, reverse=True))
+
+
+def scan_report(where: str, data: bytes, matcher: IdentifierMatcher) -> list[Finding]:
+    """Findings in an HTML report: its markup and radrepo's fixed text are not searched, what
+    fills them in (descriptions, details, ids) is."""
+    text = re.sub(r"<style>.*?</style>", " ", data.decode("utf-8", "replace"), flags=re.S)
+    lines = []
+    for line in html.unescape(re.sub(r"<[^>]*>", "\n", text)).splitlines():
+        if line.strip() in CONTACT_SHEET_CELLS:
+            continue
+        for fragment in report_text():
+            line = line.replace(fragment, " ")
+        lines.append(line)
+    return scan_text(where, lines, matcher)
 
 
 def scan_text(where: str, lines: Iterable[str], matcher: IdentifierMatcher) -> list[Finding]:
@@ -193,8 +282,7 @@ def scan_text(where: str, lines: Iterable[str], matcher: IdentifierMatcher) -> l
 
 def check_structure(source: DicomSource, shown_as: str, profile: Profile) -> list[Finding]:
     """What the profile promises about any output file, checked without knowing the source."""
-    with _opened(source) as fh:
-        ds = dcmread(fh, stop_before_pixels=True)
+    ds = dcmread(BytesIO(header_bytes(source)))  # pixels left out: elements after them read
     out = []
 
     def bad(element: str, what: str) -> None:
@@ -219,6 +307,9 @@ def check_structure(source: DicomSource, shown_as: str, profile: Profile) -> lis
             continue
         elif elem.tag.is_private and profile.private_action == "X":
             bad(name, "private element present")
+        elif not elem.tag.is_private and (tag & 0xFFFF) and not elem.keyword and (
+                tag >> 16) != 0xFFFE:
+            bad(name, "public element the dictionary does not know")
         if elem.VR == "UI" and elem.value:
             values = elem.value if elem.VM > 1 else [elem.value]
             for v in values:
@@ -258,11 +349,17 @@ def scan_release_files(release: Release, matcher: IdentifierMatcher | None,
             catalog_parts.append((path, rel))
         if rel.endswith(".dcm"):
             checked += 1
-            # small blocks: a remote file's pixel data is not fetched
+            # small blocks, elements read by their lengths: the pixel data is seeked past,
+            # so a remote file's pixels are not fetched
             with release.fs.open(path, "rb", block_size=HEAD_READ) as fh:
-                findings += check_structure(fh, rel, profile)
-                if matcher is not None:
-                    findings += scan_dicom_file(fh, rel, matcher)
+                try:
+                    data = read_header(fh)
+                except MalformedDataset:
+                    findings.append(Finding(rel, "file", "not an explicit VR DICOM file"))
+                    continue
+            findings += check_structure(BytesIO(data), rel, profile)
+            if matcher is not None:
+                findings += scan_header(data, rel, matcher)
     if matcher is not None:
         for path, rel in catalog_parts:
             findings += scan_table(rel, pq.read_table(path, filesystem=release.fs), matcher)

@@ -1,12 +1,14 @@
-"""How each kind of value is de-identified: dummy values per VR, date shifts, descriptor
-cleaning, and what the engine knows about the file's patient. ``rewrite.py`` applies them."""
+"""How each kind of value is de-identified: dummy values per VR, date shifts, and what the
+engine knows about the file's patient (text cleaning: ``text.py``). ``rewrite.py`` applies
+them."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from datetime import date, timedelta
-from functools import cached_property
+from functools import lru_cache
+
+from tasks.deidentify.text import IdentifierMatcher
 
 DUMMY_BY_VR: dict[str, object] = {
     "AE": "ANONYMOUS",
@@ -47,12 +49,9 @@ TEXT_VRS = frozenset({"LO", "LT", "SH", "ST", "UC", "UT", "PN"})
 SCANNED_VRS = TEXT_VRS | {"CS", "AE", "UR"}
 # what the C (clean) action changes; under C every other VR is kept as it is
 CLEANED_VRS = SCANNED_VRS | {"DA", "DT", "SQ"}
-_LONG_NUMBER = re.compile(r"\d{5,}")
-_DATE_LIKE = re.compile(r"\b\d{1,4}[-/.]\d{1,2}[-/.]\d{1,4}\b")
-_SPACES = re.compile(r"\s{2,}")
-
-
-MIN_CLEANED_LENGTH = 3
+# numbers shorter than this are not taken for identifiers when free text is cleaned: a one- or
+# two-digit Study ID would strip every count from the descriptions
+MIN_CLEANED_NUMBER = 3
 
 
 @dataclass(frozen=True)
@@ -64,37 +63,16 @@ class PatientContext:
     offset_days: int
     identifiers: tuple[str, ...]
 
-    @cached_property
-    def pattern(self) -> re.Pattern[str] | None:
-        """The file's identifiers as one case-insensitive, word-bounded pattern."""
-        words = [i for i in self.identifiers if len(i) >= MIN_CLEANED_LENGTH]
-        if not words:
-            return None
-        alternation = "|".join(re.escape(w) for w in words)
-        return re.compile(rf"(?<![A-Za-z0-9])(?:{alternation})(?![A-Za-z0-9])", re.IGNORECASE)
+    @property
+    def matcher(self) -> IdentifierMatcher:
+        """The file's identifiers, matched as whole tokens after normalization."""
+        return cleaning_matcher(self.identifiers)
 
-    @cached_property
-    def needle_pattern(self) -> re.Pattern[bytes] | None:
-        """The identifiers' encodings, lower-cased as ``bytes.lower()`` does (ASCII only), as one
-        pattern, to test raw values without decoding them."""
-        found = set()
-        for ident in self.identifiers:
-            if len(ident) < MIN_CLEANED_LENGTH:
-                continue
-            for form in {ident, ident.lower(), ident.upper(), ident.title()}:
-                for codec in ("utf-8", "latin-1"):
-                    try:
-                        found.add(form.encode(codec).lower())
-                    except UnicodeEncodeError:
-                        continue
-        if not found:
-            return None
-        return re.compile(b"|".join(re.escape(n) for n in sorted(found, key=len, reverse=True)))
 
-    def mentioned_in(self, value: bytes) -> bool:
-        """Whether a raw value contains one of the file's identifiers (case-insensitively)."""
-        return self.needle_pattern is not None and self.needle_pattern.search(
-            value.lower()) is not None
+@lru_cache(maxsize=256)
+def cleaning_matcher(identifiers: tuple[str, ...]) -> IdentifierMatcher:
+    """One matcher per set of identifiers (the files of a study mostly share theirs)."""
+    return IdentifierMatcher(identifiers, min_number=MIN_CLEANED_NUMBER)
 
 
 def age_in_years(birth: date | None, at: date | None) -> int | None:
@@ -124,11 +102,3 @@ def shift_dt(value: str, offset_days: int) -> str:
         return ""
     shifted = shift_da(value[:8], offset_days)
     return shifted + value[8:] if shifted else ""
-
-
-def clean_text(value: str, pattern: re.Pattern[str] | None) -> str:
-    """Drop known identifiers, long digit runs and date-like tokens from a descriptor."""
-    text = pattern.sub(" ", value) if pattern else value
-    text = _LONG_NUMBER.sub(" ", text)
-    text = _DATE_LIKE.sub(" ", text)
-    return _SPACES.sub(" ", text).strip(" ,;:-^")

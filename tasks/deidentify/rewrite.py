@@ -1,15 +1,22 @@
 """Apply the profile to a dataset's bytes, element by element, without building a pydicom tree.
 
 Input is explicit VR little endian (other encodings are normalized first, see ``study.py``).
-Each element is read straight from the buffer; what the profile keeps is copied as a byte
-slice (runs of kept elements, pixel data included, become one slice), and only what changes is
-decoded and encoded again. Sequences are rewritten recursively with defined lengths.
+Each element is read straight from the buffer by its encoded length (before and after Pixel
+Data alike); what the profile keeps is copied as a byte slice (runs of kept elements, pixel
+data included, become one slice), and only what changes is decoded and encoded again.
+Sequences are rewritten recursively with defined lengths.
+
+A VR UN element whose tag the dictionary knows is handled as that element, decoded with its
+dictionary VR (a UN Study Description is cleaned like any other); a UN element the dictionary
+does not know is removed, and so is any public (even group) element it does not know, such as
+one a vendor put after the pixels at (8000,0010): the profile has no row for it, so nothing
+says what it holds, and copying it unexamined would let any value through.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from struct import pack, unpack_from
 
 from pydicom.charset import convert_encodings, decode_bytes, encode_string
@@ -20,12 +27,13 @@ from tasks.deidentify.dataset import (
     CLEANED_VRS,
     DUMMY_BY_VR,
     SCANNED_VRS,
+    TEXT_VRS,
     PatientContext,
-    clean_text,
     shift_da,
     shift_dt,
 )
 from tasks.deidentify.profile import Profile
+from tasks.deidentify.text import clean_free_text, remove_identifiers
 
 LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
                       b"UR", b"UT", b"UV"})
@@ -33,12 +41,9 @@ UNDEFINED = 0xFFFFFFFF
 ITEM, ITEM_END, SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 PIXEL_DATA = 0x7FE00010
 NAME_DELIMITERS = {"^", "="}
-PN_KEYWORDS = (0x00100010, 0x00101001, 0x00101005, 0x00101060, 0x00080090, 0x00081050,
-               0x00081070, 0x00081060)
-ID_KEYWORDS = (0x00100020, 0x00101000, 0x00080050, 0x00100030, 0x00080080, 0x00101040,
-               0x00200010)
-TOP_VALUE_TAGS = frozenset(PN_KEYWORDS + ID_KEYWORDS + (0x00080020, 0x00080021, 0x00080023,
-                                                         0x00101010))
+# top-level source values the de-identification reads (pseudonym, age, date shift)
+TOP_VALUE_TAGS = frozenset({0x00100020, 0x00100030, 0x00080020, 0x00080021, 0x00080023,
+                            0x00101010})
 Chunk = bytes | memoryview
 
 
@@ -137,6 +142,18 @@ def items_of(buf: memoryview, raw: Raw) -> list[tuple[int, int]]:
     return out
 
 
+@lru_cache(maxsize=8192)
+def dictionary_vr(tag: int) -> bytes | None:
+    """The VR the public dictionary gives a tag (the first of "US or SS"), None if the tag is
+    private or unknown."""
+    if (tag >> 16) % 2:
+        return None
+    try:
+        return dictionary_VR(tag)[:2].encode()
+    except KeyError:
+        return None
+
+
 def encode_element(tag: int, vr: bytes, value: bytes) -> bytes:
     """An explicit VR little endian element, value padded to even length."""
     if len(value) % 2:
@@ -155,6 +172,7 @@ def _text(raw_value: bytes) -> str:
 
 BINARY_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"UN"})
 SCANNED_BYTES = frozenset(vr.encode() for vr in SCANNED_VRS)
+FREE_TEXT_BYTES = frozenset(vr.encode() for vr in TEXT_VRS - {"PN"})
 # top-level values the result row and the checks after the rewrite read
 ROW_TAGS = frozenset({0x00080008, 0x00080016, 0x00080018, 0x00080020, 0x00080030, 0x00080060,
                       0x00081030, 0x0008103E, 0x00180015, 0x00180050, 0x00185101, 0x0020000D,
@@ -174,6 +192,8 @@ class Rewriter:
     encodings: list[str]
     top: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
     pixel: tuple[int, int] | None = None
+    tokens_removed: int = 0
+    parsed: dict[int, list[Raw]] = field(default_factory=dict)  # item offset -> its elements
 
     def level(self, raws: list[Raw], nested: bool,
               extra: list[tuple[int, bytes]] = ()) -> list[Chunk]:
@@ -197,6 +217,14 @@ class Rewriter:
         tag, vr = r.tag, r.vr
         if (tag & 0xFFFF) == 0 and (tag >> 16) > 6:
             return None  # group lengths are retired and would be stale
+        private = (tag >> 16) % 2 == 1
+        if not private:
+            known = dictionary_vr(tag)
+            if known is None or (vr == b"UN" and known == b"SQ"):
+                return None  # unknown public element, or a sequence hidden in UN: removed
+            if vr == b"UN" and known != b"UN":
+                r = Raw(tag, known, r.start, r.value_start, r.value_end, r.end)
+                return self._relabelled(r, nested, creators)
         action = self.profile.action(tag)
         if action == "computed":
             if not nested:
@@ -205,7 +233,13 @@ class Rewriter:
         if action == "X":
             return None
         if action == "safe-private":
-            return (r.start, r.end) if _safe(tag, creators, self.profile) else None
+            if not _safe(tag, creators, self.profile):
+                return None
+            if (tag & 0xFFFF) < 0x1000:
+                return (r.start, r.end)  # a private creator: the safe list names it
+            if vr in FREE_TEXT_BYTES or (vr == b"UN" and _printable(self._value(r))):
+                return self._new(r, nested, self._clean(vr, self._value(r)))
+            return (r.start, r.end)
         if vr == b"SQ":
             return self._sequence(r, action)
         if action == "C" and vr.decode() not in CLEANED_VRS:
@@ -218,15 +252,32 @@ class Rewriter:
             if not nested and tag in ROW_TAGS:
                 self.top[tag] = (vr, bytes(self.buf[r.value_start:r.value_end]))
             return (r.start, r.end)
-        value = bytes(self.buf[r.value_start:r.value_end])
+        value = self._value(r)
         if action == "K":
             if vr == b"UI":
                 return self._new(r, nested, self._uids(value, keep_standard=True))
-            if self.patient.mentioned_in(value):
-                return self._new(r, nested, self._clean(vr, value))
+            if self.patient.matcher.in_text(decoded_text(value, tuple(self.encodings), vr)):
+                return self._new(r, nested, self._without_identifiers(vr, value))
             if not nested and tag in ROW_TAGS:
                 self.top[tag] = (vr, value)
             return (r.start, r.end)
+        return self._changed(r, nested, action, value)
+
+    def _relabelled(self, r: Raw, nested: bool, creators: dict) -> bytes | None:
+        """A UN element with a known tag, handled as that element and written with its VR."""
+        if len(self._value(r)) > 0xFFFF and r.vr not in LONG_VRS:
+            return None  # too long for its VR: not what the dictionary says it is
+        piece = self._element(r, nested, creators)
+        if isinstance(piece, tuple):
+            return self._new(r, nested, self._value(r))
+        return piece
+
+    def _value(self, r: Raw) -> bytes:
+        return bytes(self.buf[r.value_start:r.value_end])
+
+    def _changed(self, r: Raw, nested: bool, action: str, value: bytes) -> bytes:
+        """The element after a Z, U, D or C action."""
+        vr = r.vr
         if action == "Z":
             return self._new(r, nested, b"")
         if action == "U" or (action == "D" and vr == b"UI"):
@@ -245,7 +296,8 @@ class Rewriter:
             return encode_element(r.tag, b"SQ", b"")
         body = []
         for start, end in items_of(self.buf, r):
-            item = b"".join(self.level(elements(self.buf, start, end)[0], nested=True))
+            raws = self.parsed.get(start) or elements(self.buf, start, end)[0]
+            item = b"".join(self.level(raws, nested=True))
             body.append(pack("<HHI", 0xFFFE, 0xE000, len(item)) + item)
         return encode_element(r.tag, b"SQ", b"".join(body))
 
@@ -260,18 +312,37 @@ class Rewriter:
         return "\\".join(out).encode("ascii")
 
     def _clean(self, vr: bytes, value: bytes) -> bytes:
+        """A C action: dates shifted; text kept by the imaging vocabulary (free text) or rid
+        of the file's identifiers (names, codes)."""
         if vr == b"DA":
             return "\\".join(shift_da(v, self.patient.offset_days)
                               for v in _text(value).split("\\")).encode("ascii")
         if vr == b"DT":
             return "\\".join(shift_dt(v, self.patient.offset_days)
                               for v in _text(value).split("\\")).encode("ascii")
-        delimiters = NAME_DELIMITERS if vr == b"PN" else set()
-        text = decode_bytes(value, self.encodings, delimiters).rstrip("\0 ")
-        cleaned = "\\".join(clean_text(v, self.patient.pattern) for v in text.split("\\"))
-        if not cleaned.strip("\\ "):
+        if vr not in FREE_TEXT_BYTES and vr != b"UN":
+            return self._without_identifiers(vr, value)
+        kept = []
+        for part in decoded_text(value, tuple(self.encodings), vr).split("\\"):
+            cleaned, removed = clean_free_text(part, self.patient.matcher)
+            self.tokens_removed += removed
+            kept.append(cleaned)
+        return self._encoded(kept)
+
+    def _without_identifiers(self, vr: bytes, value: bytes) -> bytes:
+        """A kept value with the words that belong to the file's identifiers removed."""
+        kept = []
+        for part in decoded_text(value, tuple(self.encodings), vr).split("\\"):
+            cleaned, removed = remove_identifiers(part, self.patient.matcher)
+            self.tokens_removed += removed
+            kept.append(cleaned)
+        return self._encoded(kept)
+
+    def _encoded(self, parts: list[str]) -> bytes:
+        joined = "\\".join(parts)
+        if not joined.strip("\\ "):
             return b""
-        return encode_string(cleaned, self.encodings)
+        return encode_string(joined, self.encodings)
 
     def decoded(self, tag: int) -> str | None:
         """An output value at the top level as text (None when absent or empty)."""
@@ -282,6 +353,19 @@ class Rewriter:
         if vr in (b"US", b"SS"):
             return str(unpack_from("<H" if vr == b"US" else "<h", value)[0])
         return decode_bytes(value, self.encodings, set()).rstrip("\0 ") or None
+
+
+@lru_cache(maxsize=16384)
+def decoded_text(value: bytes, encodings: tuple[str, ...], vr: bytes) -> str:
+    """A text value decoded with the file's character sets (PN components kept apart)."""
+    delimiters = NAME_DELIMITERS if vr == b"PN" else set()
+    return decode_bytes(value, list(encodings), delimiters).rstrip("\0 ")
+
+
+def _printable(value: bytes) -> bool:
+    """Whether an opaque value reads as text (so it is cleaned as text)."""
+    text = value.rstrip(b"\0 ")
+    return bool(text) and all(32 <= b < 127 or b >= 0xA0 for b in text)
 
 
 def _chunks(buf: memoryview, pieces: list) -> list[Chunk]:
@@ -346,29 +430,13 @@ def read_charset(buf: memoryview, raws: list[Raw]) -> list[str]:
 
 
 def top_values(buf: memoryview, raws: list[Raw], encodings: list[str]) -> dict[int, str]:
-    """The identifying top-level values (names, IDs, dates of birth) of a file, as text."""
+    """The top-level source values the de-identification reads (Patient ID, dates), as text."""
     out = {}
     for r in raws:
         if r.tag in TOP_VALUE_TAGS and r.value_end > r.value_start:
-            delimiters = NAME_DELIMITERS if r.vr == b"PN" else set()
             out[r.tag] = decode_bytes(bytes(buf[r.value_start:r.value_end]), encodings,
-                                      delimiters).rstrip("\0 ")
+                                      set()).rstrip("\0 ")
     return out
-
-
-def identifiers_from(values: dict[int, str]) -> tuple[str, ...]:
-    """Names (and their components) and IDs that descriptors must not repeat, longest first."""
-    found: set[str] = set()
-    for tag in PN_KEYWORDS:
-        for name in (values.get(tag) or "").split("\\"):
-            if name:
-                found.add(name)
-                found.update(p for p in re.split(r"[\^= ]+", name) if p)
-    for tag in ID_KEYWORDS:
-        for value in (values.get(tag) or "").split("\\"):
-            if len(value.strip()) >= 2:
-                found.add(value.strip())
-    return tuple(sorted(found, key=len, reverse=True))
 
 
 def computed_elements(profile: Profile, patient: PatientContext,

@@ -29,10 +29,10 @@ from tasks.deidentify.rewrite import (
     dataset_start,
     elements,
     encode_file_meta,
-    identifiers_from,
     read_charset,
     top_values,
 )
+from tasks.deidentify.walk import collect_identifiers, meta_elements
 
 IMPLEMENTATION_CLASS_UID = "2.25.203861385734931462715532861129339624491"
 IMPLEMENTATION_VERSION_NAME = "RADREPO_0_1"
@@ -146,6 +146,8 @@ def _deidentify_file(f: SourceFile, ctx: DeidContext, profile, siteid: str, uid_
         raws, _ = elements(buf, start, len(buf))
         encodings = read_charset(buf, raws)
         values = top_values(buf, raws, encodings)
+        parsed: dict = {}
+        found = collect_identifiers(buf, raws, encodings, meta_elements(buf), parsed)
     except TruncatedDataset:
         raise _Quarantine(TRUNCATED) from None
     except Exception as err:  # noqa: BLE001
@@ -159,11 +161,10 @@ def _deidentify_file(f: SourceFile, ctx: DeidContext, profile, siteid: str, uid_
         pseudonym=ctx.keys.patient_id(ctx.site_id, patient_key),
         siteid=siteid,
         offset_days=offset,
-        identifiers=identifiers_from(values),
+        identifiers=tuple(sorted(found | {source_pid})),
     )
     identifiers.update(patient.identifiers)
-    identifiers.add(source_pid)
-    rewriter = Rewriter(buf, profile, patient, uid_map, encodings)
+    rewriter = Rewriter(buf, profile, patient, uid_map, encodings, parsed=parsed)
     age = None
     if "retain_patient_chars" in profile.options and not values.get(PATIENT_AGE):
         age = _patient_age(values.get(BIRTH_DATE), values.get(STUDY_DATE)
@@ -219,6 +220,7 @@ def _deidentify_file(f: SourceFile, ctx: DeidContext, profile, siteid: str, uid_
         "exam_key": ctx.keys.opaque("exam", ctx.site_id, f.exam_id) if f.exam_id else None,
         "exam_time": _shift_exam_time(f.exam_time, offset),
         "member_key": ctx.keys.opaque("member", f.member_path) if f.member_path else None,
+        "text_tokens_removed": rewriter.tokens_removed,
     }
 
 
