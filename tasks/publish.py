@@ -436,9 +436,9 @@ def refresh_catalog_db(release: Release, work_dir: str) -> bool:
         shutil.copyfile(tmp, beside)
         os.replace(beside, local_db)
         tmp.unlink()
-    else:
+    else:  # uploaded before the work copy is replaced: a kill between leaves a stale copy
+        release.fs.put_file(str(tmp), release.path(CATALOG_DB))
         os.replace(tmp, local_db)
-        release.fs.put_file(str(local_db), release.path(CATALOG_DB))
     return True
 
 

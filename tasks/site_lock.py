@@ -7,7 +7,8 @@ The holder (host, pid, run id) is written into the file for the message a waitin
 A release on object storage may be written from machines that share no work folder, so
 there the lock is also a lease object ``locks/<name>.lease`` in the release: created with a
 conditional PUT (``If-None-Match: *``), renewed and taken over only by a PUT conditional on
-the ETag read (``If-Match``), and taken over once its expiry has passed. Residual risk: a
+the ETag read (``If-Match``), and taken over once its expiry has passed or when its holder
+was a process of this host that is gone. Residual risk: a
 store that ignores conditional headers turns this into last-writer-wins (the holder is read
 back after writing to narrow the window), and a holder paused longer than the lease
 (``lease_seconds``) can lose it while still writing.
@@ -91,6 +92,21 @@ def _flock(path: Path, name: str, holder: Holder, wait_seconds: float) -> Iterat
         os.close(fd)
 
 
+def _stale(raw: dict) -> bool:
+    """A lease past its expiry, or held by a process of this host that is gone."""
+    if float(raw.get("expires", 0)) < time.time():
+        return True
+    if raw.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(raw.get("pid", 0)), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError, OverflowError):
+        return False
+    return False
+
+
 class Lease:
     """A lease object with an expiry in an fsspec filesystem that has conditional PUTs."""
 
@@ -137,8 +153,7 @@ class Lease:
             raw, etag = self._current()
             if raw is None and self._put(None):
                 break
-            if raw is not None and float(raw.get("expires", 0)) < time.time() \
-                    and self._put(etag):
+            if raw is not None and _stale(raw) and self._put(etag):
                 break
             if time.monotonic() >= deadline:
                 raw, _ = self._current()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -106,3 +107,12 @@ def test_s3_lease_is_exclusive_renewed_released_and_taken_over_once_expired(s3, 
     assert "host elsewhere, pid 1, run run-dead" in str(err.value)
     with hold(str(tmp_path / "w3"), "site s1", "run-3", 5, lease_seconds=6, **lease):
         assert json.loads(s3.cat_file(path))["run_id"] == "run-3"
+
+    # a holder on this host whose process is gone: taken over at once, expiry or not
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    s3.pipe_file(path, json.dumps({"host": socket.gethostname(), "pid": dead.pid,
+                                   "run_id": "run-killed", "since": "2026-01-01T00:00:00Z",
+                                   "expires": time.time() + 600}).encode())
+    with hold(str(tmp_path / "w4"), "site s1", "run-4", 0, lease_seconds=6, **lease):
+        assert json.loads(s3.cat_file(path))["run_id"] == "run-4"
