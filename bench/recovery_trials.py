@@ -1,5 +1,7 @@
 """Crash and concurrency trials against real ``radrepo run`` subprocesses (issue 11).
 
+Concurrent trials run first, then the republish kills, then the first-run kills.
+
 1. A ``kill -9`` at every named step boundary (tasks/kill_point.py) of a first run, then a
    plain rerun: the release must be byte-identical to a clean run's (run log aside,
    ``catalog.duckdb`` by its view fingerprint) and the work folder settled.
@@ -20,6 +22,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -92,7 +95,14 @@ def check(folder: Path, release: dict, work: dict | None) -> str:
     return "; ".join(problems) or "ok"
 
 
+def save(results: dict) -> None:
+    out = ROOT / "bench" / "out"
+    out.mkdir(exist_ok=True)
+    (out / "recovery_trials.json").write_text(json.dumps(results, indent=1) + "\n")
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the server and cluster
     parser = argparse.ArgumentParser()
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--seed", type=int, default=11)
@@ -119,40 +129,6 @@ def main() -> None:
             clean_release, clean_work = release_state(clean / "release"), work_state(
                 clean / "work")
 
-            for point in FIRST_RUN_POINTS + EXTRA_FIRST_RUN:
-                folder = scratch / f"kill-{point.replace(':', '-').replace('#', '-')}"
-                config = write_config(folder, sources, scheduler)
-                killed = radrepo(env, "run", str(config), kill_at=point).returncode
-                rerun = radrepo(env, "run", str(config)).returncode
-                outcome = check(folder, clean_release, clean_work)
-                results["kills"].append({"point": point, "killed_rc": killed,
-                                         "rerun_rc": rerun, "outcome": outcome})
-                print(f"kill at {point:22} killed rc {killed:3}  rerun rc {rerun}  {outcome}",
-                      flush=True)
-
-            reference = scratch / "republished"
-            shutil.copytree(clean, reference, ignore=shutil.ignore_patterns("radrepo.yaml"))
-            assert radrepo(env, "run", str(write_config(reference, sources, scheduler,
-                                                        **CHANGED)), "--force").returncode == 0
-            republished = release_state(reference / "release")
-            old_fingerprint = clean_release["catalog.duckdb"]
-            for point in REPUBLISH_POINTS:
-                folder = scratch / f"force-{point.replace(':', '-')}"
-                shutil.copytree(clean, folder, ignore=shutil.ignore_patterns("radrepo.yaml"))
-                config = write_config(folder, sources, scheduler, **CHANGED)
-                killed = radrepo(env, "run", str(config), "--force", kill_at=point).returncode
-                whole = check(folder, release_state(folder / "release"), None)
-                seen = release_state(folder / "release")["catalog.duckdb"]
-                version = "old" if seen == old_fingerprint else (
-                    "new" if seen == republished["catalog.duckdb"] else "other")
-                rerun = radrepo(env, "run", str(config)).returncode
-                outcome = check(folder, republished, None)
-                results["republish_kills"].append({
-                    "point": point, "killed_rc": killed, "readers_saw": version,
-                    "readable_after_kill": whole, "rerun_rc": rerun, "outcome": outcome})
-                print(f"--force kill at {point:16} readers saw {version} ({whole}); rerun rc "
-                      f"{rerun}  {outcome}", flush=True)
-
             for trial in range(args.trials):
                 folder = scratch / f"concurrent-{trial}"
                 config = write_config(folder, sources, scheduler)
@@ -178,12 +154,47 @@ def main() -> None:
                                               "outcome": outcome})
                 print(f"concurrent trial {trial:2} offset {offset:4.1f} s exit codes {codes} "
                       f"{outcome}  {' | '.join(lines)}", flush=True)
+                save(results)
+            reference = scratch / "republished"
+            shutil.copytree(clean, reference, ignore=shutil.ignore_patterns("radrepo.yaml"))
+            assert radrepo(env, "run", str(write_config(reference, sources, scheduler,
+                                                        **CHANGED)), "--force").returncode == 0
+            republished = release_state(reference / "release")
+            old_fingerprint = clean_release["catalog.duckdb"]
+            for point in REPUBLISH_POINTS:
+                folder = scratch / f"force-{point.replace(':', '-')}"
+                shutil.copytree(clean, folder, ignore=shutil.ignore_patterns("radrepo.yaml"))
+                config = write_config(folder, sources, scheduler, **CHANGED)
+                killed = radrepo(env, "run", str(config), "--force", kill_at=point).returncode
+                whole = check(folder, release_state(folder / "release"), None)
+                seen = release_state(folder / "release")["catalog.duckdb"]
+                version = "old" if seen == old_fingerprint else (
+                    "new" if seen == republished["catalog.duckdb"] else "other")
+                rerun = radrepo(env, "run", str(config)).returncode
+                outcome = check(folder, republished, None)
+                results["republish_kills"].append({
+                    "point": point, "killed_rc": killed, "readers_saw": version,
+                    "readable_after_kill": whole, "rerun_rc": rerun, "outcome": outcome})
+                print(f"--force kill at {point:16} readers saw {version} ({whole}); rerun rc "
+                      f"{rerun}  {outcome}", flush=True)
+                save(results)
+
+            for point in FIRST_RUN_POINTS + EXTRA_FIRST_RUN:
+                folder = scratch / f"kill-{point.replace(':', '-').replace('#', '-')}"
+                config = write_config(folder, sources, scheduler)
+                killed = radrepo(env, "run", str(config), kill_at=point).returncode
+                rerun = radrepo(env, "run", str(config)).returncode
+                outcome = check(folder, clean_release, clean_work)
+                results["kills"].append({"point": point, "killed_rc": killed,
+                                         "rerun_rc": rerun, "outcome": outcome})
+                print(f"kill at {point:22} killed rc {killed:3}  rerun rc {rerun}  {outcome}",
+                      flush=True)
+                save(results)
+
     finally:
         server.terminate()
         server.wait(timeout=30)
-    out = ROOT / "bench" / "out"
-    out.mkdir(exist_ok=True)
-    (out / "recovery_trials.json").write_text(json.dumps(results, indent=1) + "\n")
+    save(results)
     failed = [r for group in results.values() for r in group if r["outcome"] != "ok"]
     print(f"{sum(len(g) for g in results.values())} trials, {len(failed)} failed")
     shutil.rmtree(scratch, ignore_errors=True)
