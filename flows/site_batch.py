@@ -34,6 +34,7 @@ from tasks.deidentify import (
     deidentify_clinical,
     load_remap,
 )
+from tasks.deidentify.keys import PseudonymKeys
 from tasks.deidentify.profile import load_profile
 from tasks.kill_point import kill_point
 
@@ -170,9 +171,10 @@ def site_batch(config: RadrepoConfig, site_id: str, batch_id: str, force: bool =
                            scheduler, run_id, started)
 
 
-def _take_batch(config: RadrepoConfig, release: publishing.Release, keys, key_check: str,
-                site_id: str, batch_id: str, force: bool, scheduler: str | None, run_id: str,
-                started: datetime) -> dict[str, Any]:
+def _take_batch(config: RadrepoConfig, release: publishing.Release, keys: PseudonymKeys,
+                key_check: str, site_id: str, batch_id: str, force: bool,
+                scheduler: str | None, run_id: str, started: datetime) -> dict[str, Any]:
+    """site_batch's work, under the site's lock: whether the batch is due is decided here."""
     logger = get_run_logger()
     complete = release.is_complete(site_id, batch_id)
     if complete and not force and batch_id not in recovery.batches_due(config, release,
