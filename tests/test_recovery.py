@@ -283,3 +283,24 @@ def test_two_runs_at_once_leave_the_clean_release(offset, clean_run, sources, ch
     state = work_state(tmp_path / "work")
     assert {k: v for k, v in state.items() if "ledger" in k} == {
         k: v for k, v in clean_work.items() if "ledger" in k}
+
+
+def test_a_run_that_cannot_get_the_site_lock_gives_up_in_one_line_naming_the_holder(
+        sources, child_env, dask_scheduler, tmp_path):
+    from tests.test_site_lock import HOLDER
+
+    config = write_config(tmp_path, sources, dask_scheduler, lock_wait_seconds=1)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER.replace("site s1", "site site-a"),
+                               str(tmp_path / "work")], stdout=subprocess.PIPE, text=True,
+                              env=child_env)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        result = radrepo(child_env, "run", str(config))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("radrepo: site site-a is locked by another run (host ")
+    assert f"pid {holder.pid}, run run-held" in last and last.endswith("waiting 1 s")
+    assert not (tmp_path / "release" / "batches").exists()  # nothing was published
