@@ -101,10 +101,11 @@ def _data_errors() -> tuple[type[Exception], ...]:
     from tasks.deidentify.tabular import TabularError
     from tasks.failures import SourceUnavailable
     from tasks.pacs import PacsUnavailable
+    from tasks.site_lock import SiteBusy
     from tasks.verify import LeakFound
 
     return (BatchNotFound, AccountingError, ClinicalError, RemapError, TabularError, LeakFound,
-            PacsUnavailable, SourceUnavailable)
+            PacsUnavailable, SourceUnavailable, SiteBusy)
 
 
 def _fail_run(err: Exception, log: RunLog | None) -> None:
@@ -117,12 +118,21 @@ def _fail_run(err: Exception, log: RunLog | None) -> None:
     _fail(log.failure(err, message) if log else message, 1)
 
 
-def _run_nightly(config: RadrepoConfig, sites: list[str] | None, batches: list[str] | None,
-                 force: bool) -> list[dict]:
-    from flows.nightly import nightly
-    from flows.secret import keys_from_env
+def _check_key(config: RadrepoConfig, rekey: bool) -> None:
+    """Refuse another secret than the release's before anything runs; ``rekey`` records the
+    new one instead, so the run republishes every batch under it."""
+    from flows.secret import check_release_key, keys_from_env
+    from tasks.publish import Release
 
-    keys_from_env(config.secret_env)
+    release = Release(config.release, config.release_storage_options)
+    check_release_key(release, keys_from_env(config.secret_env), config.secret_env, rekey)
+
+
+def _run_nightly(config: RadrepoConfig, sites: list[str] | None, batches: list[str] | None,
+                 force: bool, rekey: bool = False) -> list[dict]:
+    from flows.nightly import nightly
+
+    _check_key(config, rekey)
     start_temporary_prefect_server()
     return nightly(config, sites=sites, batches=batches, force=force)
 
@@ -153,6 +163,8 @@ def run(
     site: Annotated[list[str] | None, typer.Option(help="only this site (repeatable)")] = None,
     batch: Annotated[list[str] | None, typer.Option(help="only this batch (repeatable)")] = None,
     force: Annotated[bool, typer.Option(help="re-run batches already published")] = False,
+    rekey: Annotated[bool, typer.Option(
+        help="change the release's key to the secret given: republish every batch")] = False,
     source: Annotated[list[str] | None, typer.Option(help="SITE_ID=PATH (no CONFIG)")] = None,
     clinical: Annotated[list[str] | None, typer.Option(help="SITE_ID=CSV (no CONFIG)")] = None,
     remap: Annotated[list[str] | None, typer.Option(help="SITE_ID=CSV (no CONFIG)")] = None,
@@ -174,7 +186,7 @@ def run(
             cfg.site(s)
         keys_from_env(cfg.secret_env)  # before anything is written to the work folder
         log = RunLog(cfg.work_dir)
-        summaries = _run_nightly(cfg, site, batch, force)
+        summaries = _run_nightly(cfg, site, batch, force, rekey)
     except (ConfigError, SecretError) as err:
         _fail(str(err), 2)
     except typer.Exit:
@@ -194,6 +206,8 @@ def backfill(
     batch: Annotated[list[str] | None, typer.Option(help="this batch id (repeatable)")] = None,
     since: Annotated[str | None, typer.Option(help="batches dated on or after YYYY-MM-DD")] = None,
     until: Annotated[str | None, typer.Option(help="batches dated up to YYYY-MM-DD")] = None,
+    rekey: Annotated[bool, typer.Option(
+        help="change the release's key to the secret given: republish every batch")] = False,
 ) -> None:
     """Run chosen batches again (by id or by the date in their id), published ones included."""
     from datetime import date
@@ -214,6 +228,7 @@ def backfill(
             cfg.site(s)
         keys_from_env(cfg.secret_env)
         log = RunLog(cfg.work_dir)
+        _check_key(cfg, rekey)
         start_temporary_prefect_server()
         summaries = backfill_flow(cfg, sites=site, batches=batch, since=days[0], until=days[1])
     except (ConfigError, SecretError) as err:
@@ -324,6 +339,10 @@ def verify(
             _fail("no identifier lists under --work (they are written by radrepo run)", 2)
         matcher = gate.read_identifiers(lists)
     files, findings = gate.scan_release_files(location, matcher, profile)
+    entries, manifest_findings = gate.check_manifests(location)
+    findings += manifest_findings
+    console.print(f"{entries} manifest entries of {len(location.complete_batches())} "
+                  "complete batch(es) checked against their files", highlight=False)
     for finding in findings:
         console.print(str(finding), highlight=False, markup=False)
     console.print(f"{files} DICOM files checked, {len(findings)} finding(s)"

@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
 
+from flows import recovery
 from flows.cluster import dask_client
-from flows.secret import keys_from_env
+from flows.secret import check_release_key, keys_from_env
 from flows.site_batch import site_batch
 from schemas.config import RadrepoConfig, load_config
 from tasks import ingest
@@ -29,12 +31,14 @@ def _run_batches(config: RadrepoConfig, sites: list[str] | None,
     returns is wanted. A PACS that cannot be reached does not hold up the other sites: the
     run ends with PacsUnavailable naming it once their batches are done."""
     logger = get_run_logger()
-    keys_from_env(config.secret_env)
     release = Release(config.release, config.release_storage_options)
+    check_release_key(release, keys_from_env(config.secret_env), config.secret_env)
     chosen = [s for s in config.sites if not sites or s.site_id in sites]
     plan: list[tuple[str, str]] = []
     unreachable: list[str] = []
     for site in chosen:
+        due = recovery.repair_site(config, release, site.site_id, str(flow_run.id or "local"))
+        plan += [(site.site_id, b) for b in due]  # a republish cut short, or a rekey
         published = set() if force else {b for s, b in release.complete_batches()
                                          if s == site.site_id}
         try:
@@ -47,8 +51,11 @@ def _run_batches(config: RadrepoConfig, sites: list[str] | None,
             unreachable.append(f"site {site.site_id}: {err}")
             continue
         for batch in found:
-            if wanted(batch.batch_id) or (batch.pacs and window is not None):
+            if (wanted(batch.batch_id) or (batch.pacs and window is not None)) and (
+                    site.site_id, batch.batch_id) not in plan:
                 ingest.save_pending(batch, config.work_dir)
+                if force:  # a plain rerun finishes a republish this run does not
+                    recovery.mark_republish(config.work_dir, site.site_id, batch.batch_id)
                 plan.append((site.site_id, batch.batch_id))
     logger.info("%d batch(es) to run across %d site(s)", len(plan), len(chosen))
     summaries = []

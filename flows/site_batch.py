@@ -18,8 +18,9 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
+from flows import recovery
 from flows.cluster import dask_client
-from flows.secret import keys_from_env
+from flows.secret import check_release_key, keys_from_env
 from schemas.catalog import CLINICAL, RUNS
 from schemas.config import RadrepoConfig, SourceConfig
 from schemas.pipeline import DEIDENTIFIED_CLINICAL
@@ -33,7 +34,9 @@ from tasks.deidentify import (
     deidentify_clinical,
     load_remap,
 )
+from tasks.deidentify.keys import PseudonymKeys
 from tasks.deidentify.profile import load_profile
+from tasks.kill_point import kill_point
 
 step = task(cache_policy=NO_CACHE, persist_result=False)
 
@@ -131,16 +134,14 @@ def verify_step(work_dir: str, site_id: str, assembled: catalog.CatalogBatch, ru
 @step(name="publish")
 def publish_step(release: publishing.Release, site_id: str, batch_id: str,
                  assembled: catalog.CatalogBatch, deidentified: pa.Table, run: pa.Table,
-                 run_id: str, work_dir: str,
-                 reports: dict[str, bytes]) -> publishing.PublishResult:
+                 run_id: str, reports: dict[str, bytes],
+                 key_check: str) -> publishing.PublishResult:
     by_path = {r["output_path"]: r for r in deidentified.select(
         ["output_path", "size_bytes", "sha256"]).to_pylist()}
     files = [(staged, rel, by_path[staged]["size_bytes"], by_path[staged]["sha256"])
              for staged, rel in assembled.files]
-    result = publishing.publish_batch(release, site_id, batch_id, assembled.tables, files,
-                                      run, run_id, reports)
-    publishing.refresh_catalog_db(release, work_dir)
-    return result
+    return publishing.publish_batch(release, site_id, batch_id, assembled.tables, files,
+                                    run, run_id, reports, key_check)
 
 
 def find_batch(config: RadrepoConfig, site_id: str, batch_id: str) -> ingest.BatchRef:
@@ -148,6 +149,9 @@ def find_batch(config: RadrepoConfig, site_id: str, batch_id: str) -> ingest.Bat
     pending = ingest.load_pending(config.work_dir, site_id, batch_id)
     if pending is not None:
         return pending
+    recorded = ingest.batch_from_ledger(config.site(site_id), config.work_dir, batch_id)
+    if recorded is not None:
+        return recorded
     for batch in ingest.discover_batches(config.site(site_id), config.work_dir, set()):
         if batch.batch_id == batch_id:
             return batch
@@ -168,19 +172,36 @@ def _run_table(run_id: str, site_profile: str, started: datetime, counts: dict) 
 @flow(name="site_batch", persist_result=False)
 def site_batch(config: RadrepoConfig, site_id: str, batch_id: str, force: bool = False,
                scheduler: str | None = None) -> dict[str, Any]:
-    """Take one batch of one site from its source to a published, COMPLETE release batch."""
-    logger = get_run_logger()
+    """Take one batch of one site from its source to a published, COMPLETE release batch,
+    holding the site's lock (one writer per site)."""
     release = publishing.Release(config.release, config.release_storage_options)
-    if release.is_complete(site_id, batch_id) and not force:
-        logger.info("site %s batch %s is already published; nothing to do", site_id, batch_id)
-        return {"site_id": site_id, "batch_id": batch_id, "status": "already published"}
     started = datetime.now(UTC)
     keys = keys_from_env(config.secret_env)
+    key_check = check_release_key(release, keys, config.secret_env)
+    run_id = str(flow_run.id or f"local-{started:%Y%m%dT%H%M%S}")
+    with recovery.holding_site(config, release, site_id, run_id):
+        return _take_batch(config, release, keys, key_check, site_id, batch_id, force,
+                           scheduler, run_id, started)
+
+
+def _take_batch(config: RadrepoConfig, release: publishing.Release, keys: PseudonymKeys,
+                key_check: str, site_id: str, batch_id: str, force: bool,
+                scheduler: str | None, run_id: str, started: datetime) -> dict[str, Any]:
+    """site_batch's work, under the site's lock: whether the batch is due is decided here."""
+    logger = get_run_logger()
+    complete = release.is_complete(site_id, batch_id)
+    if complete and not force and batch_id not in recovery.batches_due(config, release,
+                                                                       site_id):
+        logger.info("site %s batch %s is already published; nothing to do", site_id, batch_id)
+        return {"site_id": site_id, "batch_id": batch_id, "status": "already published"}
+    if complete:  # a republish: a rerun finishes it if this one is cut short
+        recovery.mark_republish(config.work_dir, site_id, batch_id)
     site = config.site(site_id)
     batch = find_batch(config, site_id, batch_id)
-    run_id = str(flow_run.id or f"local-{started:%Y%m%dT%H%M%S}")
+    ingest.save_pending(batch, config.work_dir)
 
     ingested = ingest_step(batch, site.source, config.work_dir)
+    kill_point("after:ingest")
     remap = load_remap(site.id_remap)
     staging = Path(config.work_dir) / site_id / "staging" / batch_id / "deidentified"
     ctx = DeidContext(keys=keys, site_id=site_id, options=tuple(config.deid.options),
@@ -189,6 +210,7 @@ def site_batch(config: RadrepoConfig, site_id: str, batch_id: str, force: bool =
                            / f"{batch_id}.identifiers.parquet")
     deidentified = deidentify_step(ingested.index, ctx, identifiers_path, scheduler, config)
     deidentified = gate_files_step(deidentified, identifiers_path)
+    kill_point("after:deidentify")
     ingest.quarantine_later(ingested.index, deidentified, "deidentify", config.work_dir,
                             site_id, batch_id)
     emr = deidentify_clinical_step(config, site_id, keys, remap)
@@ -218,11 +240,10 @@ def site_batch(config: RadrepoConfig, site_id: str, batch_id: str, force: bool =
     run = _run_table(run_id, profile, started, counts)
     reports = contact_sheet_step(site_id, batch_id, assembled, deidentified)
     verify_step(config.work_dir, site_id, assembled, run, reports, batch_id)
+    kill_point("after:verify")
     result = publish_step(release, site_id, batch_id, assembled, deidentified, run, run_id,
-                          config.work_dir, reports)
-    ingest.record_ingested(batch, ingested.index, config.work_dir)
-    ingest.forget_pending(config.work_dir, site_id, batch_id)
-    ingest.clear_staging(batch, config.work_dir)
+                          reports, key_check)
+    recovery.finish_batch(config, release, site_id, batch_id, run_id)
     logger.info("site %s batch %s: %d files in, %d published, %d excluded, %d quarantined",
                 site_id, batch_id, counts["files_in"], counts["published"], counts["excluded"],
                 counts["quarantined"])

@@ -178,6 +178,10 @@ class RadrepoConfig(Strict):
     qc: QcConfig = QcConfig()
     inclusion_windows: dict[str, Window] = Field(default_factory=lambda: dict(DEFAULT_WINDOWS))
     split_exam_minutes: int = Field(default=30, ge=0)
+    # a run finding a site locked by another run waits this long, then gives up naming it
+    lock_wait_seconds: float = Field(default=300.0, ge=0)
+    # an object-store release's site lease expires this long after its last renewal
+    lease_seconds: float = Field(default=300.0, ge=5)
     sites: list[SiteConfig] = Field(min_length=1)
 
     @model_validator(mode="before")

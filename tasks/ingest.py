@@ -765,6 +765,24 @@ def record_ingested(batch: BatchRef, index: pa.Table, work_dir: str) -> None:
     os.replace(tmp, path)
 
 
+def batch_from_ledger(site: SiteConfig, work_dir: str, batch_id: str) -> BatchRef | None:
+    """A published batch of a folder or PACS source as its ledger rows record it, so it can
+    be republished (a rekey, a forced rerun) though discovery would no longer name it."""
+    rows = [r for r in read_ledger(work_dir, site.site_id).to_pylist()
+            if r["batch_id"] == batch_id]
+    if not rows or site.source.kind == "zip_batches":
+        return None
+    if site.source.kind in PACS_KINDS:
+        studies = Counter(r["key"].split("/", 1)[0] for r in rows)
+        objects = tuple(SourceObject(uid, n, 0) for uid, n in sorted(studies.items()))
+        return BatchRef(site.site_id, batch_id, _pacs_location(site.source), objects,
+                        pacs=True)
+    _, root = fsspec.core.url_to_fs(site.source.path, **site.source.storage_options)
+    objects = tuple(SourceObject(r["key"], r["size"], r["mtime_ns"], r["sha256"])
+                    for r in sorted(rows, key=lambda r: r["key"]))
+    return BatchRef(site.site_id, batch_id, root.rstrip("/"), objects)
+
+
 def _pending_path(work_dir: str, site_id: str, batch_id: str) -> Path:
     return site_work_dir(work_dir, site_id) / "pending" / f"{batch_id}.json"
 

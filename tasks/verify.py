@@ -372,3 +372,42 @@ def read_identifiers(paths: Iterable[Path]) -> IdentifierMatcher:
     for path in paths:
         values.update(v for v in pq.read_table(path).column("value").to_pylist() if v)
     return IdentifierMatcher(values)
+
+
+def check_manifests(release: Release) -> tuple[int, list[Finding]]:
+    """Every COMPLETE batch's current manifest against the release: each file there, with
+    the size and sha256 it lists, and the marker's manifest sha256 right. Returns the number
+    of entries checked and the findings (paths only: they carry no identifier)."""
+    import hashlib
+
+    findings: list[Finding] = []
+    checked = 0
+    release.fs.invalidate_cache()
+    for site_id, batch_id in release.complete_batches():
+        where = f"batch {site_id}/{batch_id}"
+        version = release.current_version(site_id, batch_id)
+        data = release.read_bytes(f"{release.batch_dir(site_id, batch_id)}/{version.manifest}")
+        if data is None:
+            findings.append(Finding(where, version.manifest, "manifest named by COMPLETE is "
+                                    "missing"))
+            continue
+        if version.manifest_sha256 and hashlib.sha256(data).hexdigest() != \
+                version.manifest_sha256:
+            findings.append(Finding(where, version.manifest, "sha256 differs from COMPLETE"))
+        for row in release.manifest(site_id, batch_id).to_pylist():
+            checked += 1
+            digest, size = hashlib.sha256(), 0
+            try:
+                with release.fs.open(release.path(row["path"]), "rb") as fh:
+                    while block := fh.read(1 << 20):
+                        digest.update(block)
+                        size += len(block)
+            except FileNotFoundError:
+                findings.append(Finding(where, row["path"], "listed in the manifest, missing"))
+                continue
+            if size != row["size_bytes"]:
+                findings.append(Finding(where, row["path"], f"{size} bytes, manifest says "
+                                        f"{row['size_bytes']}"))
+            elif digest.hexdigest() != row["sha256"]:
+                findings.append(Finding(where, row["path"], "sha256 differs from the manifest"))
+    return checked, findings

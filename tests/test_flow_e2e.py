@@ -15,6 +15,7 @@ import pydicom
 import pytest
 
 from tasks.deidentify.keys import PseudonymKeys
+from tasks.publish import Release
 from tests.conftest import TEST_SECRET
 
 SC_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
@@ -169,7 +170,7 @@ def test_catalog_is_queryable_and_consistent(published, corpus):
         sheet = release / "reports" / site_id / batch_id
         assert (sheet / "contact-sheet.html").exists()
         assert len(list((sheet / "thumbs").glob("*.png"))) == n
-        manifest = pq.read_table(release / "batches" / site_id / batch_id / "manifest.parquet")
+        manifest = Release(str(release)).manifest(site_id, batch_id)
         assert f"reports/{site_id}/{batch_id}/contact-sheet.html" in manifest.column(
             "path").to_pylist()
     # every study outside its inclusion window says so, with the distance in the qc table

@@ -7,7 +7,6 @@ from datetime import UTC, datetime
 
 import duckdb
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from schemas import catalog as cat
 from tasks.publish import Release, publish_batch, read_published, refresh_catalog_db
@@ -49,8 +48,10 @@ def test_publish_layout_marker_and_views(tmp_path):
     assert (root / "dicom/s1/P1/2.25.1/2.25.2/2.25.3.dcm").read_bytes() == b"DICM"
     for table in cat.TABLES:
         if table != "runs":
-            assert (root / f"catalog/{table}/site_id=s1/batch_id=B1/part-0.parquet").exists()
-    manifest = pq.read_table(root / "batches/s1/B1/manifest.parquet").to_pylist()
+            (part,) = release.catalog_files(table, "s1", "B1")
+            assert (root / part).exists() and part.startswith(
+                f"catalog/{table}/site_id=s1/batch_id=B1/part-")
+    manifest = release.manifest("s1", "B1").to_pylist()
     assert {"path": "dicom/s1/P1/2.25.1/2.25.2/2.25.3.dcm", "size_bytes": 4,
             "sha256": "sha-2.25.3"} in manifest
     assert refresh_catalog_db(release, str(tmp_path / "work"))

@@ -50,6 +50,11 @@ class PseudonymKeys:
         """RICORD's SITEID: a six-digit code that tells sites apart without naming them."""
         return str(100000 + int.from_bytes(self._mac("siteid", site_id)[:8], "big") % 900000)
 
+    def check_value(self) -> str:
+        """A key check value: the HMAC of a constant, so two secrets can be told apart
+        without either being stored (32 hex digits)."""
+        return self._mac("key-check", "radrepo").hex()[:32]
+
     def opaque(self, purpose: str, *parts: str) -> str:
         """A 16-hex-digit key for a value that must be comparable but not readable."""
         return self._mac(purpose, *parts)[:8].hex()
