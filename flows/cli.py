@@ -345,7 +345,7 @@ def demo(
             "source": {"kind": {"zip_batches": "zip_batches", "tree": "folder",
                                 "flat": "flat"}[site["layout"]],
                        "path": f"sources/{site['source']}"},
-            "clinical": {"path": f"sources/{site['clinical']}"},
+            "clinical": {"path": f"sources/{site['clinical']}", "measured_on": "labs_date"},
             "id_remap": f"sources/{site['remap']}",
         })
     config_path = folder / "radrepo.yaml"

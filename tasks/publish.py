@@ -20,11 +20,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from schemas.catalog import MANIFEST, PARTITION_COLUMNS, TABLES
+from schemas.catalog import MANIFEST, PARTITION_COLUMNS, TABLES, VIEWS
+from tasks.catalog_dictionary import (
+    catalog_info_statements,
+    comment_statements,
+    dictionary_markdown,
+)
 from tasks.duckdb_remote import enable_remote_reads
 
 COMPLETE = "COMPLETE"
 CATALOG_DB = "catalog.duckdb"
+CATALOG_README = "catalog/README.md"
 
 
 @dataclass(frozen=True)
@@ -231,6 +237,8 @@ def _duck_type(t: pa.DataType) -> str:
         return "DATE"
     if pa.types.is_timestamp(t):
         return "TIMESTAMPTZ"
+    if pa.types.is_time(t):
+        return "TIME"
     raise TypeError(f"no DuckDB type for {t}")
 
 
@@ -256,7 +264,8 @@ def catalog_view_statements(release: Release) -> list[str]:
         f"CREATE VIEW batches AS SELECT * FROM (VALUES {rows}) AS t(site_id, batch_id) "
         "WHERE site_id IS NOT NULL"
     )
-    return statements
+    statements += [f"CREATE VIEW {name} AS {view.sql.strip()}" for name, view in VIEWS.items()]
+    return statements + comment_statements()
 
 
 def refresh_catalog_db(release: Release, work_dir: str) -> bool:
@@ -273,6 +282,7 @@ def refresh_catalog_db(release: Release, work_dir: str) -> bool:
             with duckdb.connect(str(local_db), read_only=True) as con:
                 current = con.execute("SELECT views_sha256 FROM catalog_info").fetchone()
             if current == (fingerprint,):
+                _write_dictionary(release, local_db)
                 return False
         except duckdb.Error:
             pass
@@ -282,10 +292,16 @@ def refresh_catalog_db(release: Release, work_dir: str) -> bool:
     with duckdb.connect(str(tmp)) as con:
         if not release.local:  # creating a view reads the schema of the Parquet it names
             enable_remote_reads(con, release.storage_options)
-        for statement in statements:
+        for statement in statements + catalog_info_statements(fingerprint):
             con.execute(statement)
-        con.execute("CREATE TABLE catalog_info AS SELECT ? AS views_sha256", [fingerprint])
     os.replace(tmp, local_db)
     if not release.local:
         release.fs.put_file(str(local_db), release.path(CATALOG_DB))
+    _write_dictionary(release, local_db)
     return True
+
+
+def _write_dictionary(release: Release, local_db: Path) -> None:
+    """catalog/README.md from the database's own comments (unchanged bytes are not rewritten)."""
+    with duckdb.connect(str(local_db), read_only=True) as con:
+        release.write_bytes(CATALOG_README, dictionary_markdown(con).encode())

@@ -233,6 +233,8 @@ def test_split_exam_parts_merge_into_one_study(tmp_path):
     assert set(result.merged) == {1}  # the part 2 hours later is another exam
     [merge] = result.rows.to_pylist()
     assert merge["kind"] == "split_merged" and merge["kept_uid"] == target
+    # one row per part merged away, naming studies at both ends
+    assert merge["level"] == "study" and merge["uid"] == rows[1]["study_uid"]
     assert "9 minutes apart" in merge["evidence"]
     moved = pydicom.dcmread(rows[1]["output_path"])
     assert moved.StudyInstanceUID == target and moved.PatientID == rows[1]["patient_id"]
