@@ -235,7 +235,7 @@ class _Exam:
     quirk: str | None
     copy_of: _Exam | None = None  # original of a re-sent or pediatric double copy
     readme: bool = False
-    zip_suffix: str = ""  # tells apart two zips of one exam id at one time (a double store)
+    zip_suffix: str = ""  # a second zip of one exam id and time; sorts after the original
 
     @property
     def code(self) -> str:
@@ -478,7 +478,7 @@ class _Site:
         copy = replace(original, exam_id=original.exam_id if same_exam_id else self._exam_id(),
                        study_uid=self._uid(), pps_uid=self._uid(), series=series,
                        copy_of=original, batch=batch or original.batch,
-                       zip_suffix="-2" if same_exam_id else "")
+                       zip_suffix="2" if same_exam_id else "")
         self.exams.append(copy)
         return copy
 
