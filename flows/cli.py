@@ -359,8 +359,8 @@ def demo(
     print_summaries(summaries)
     release = folder / "release"
     with duckdb.connect(str(release / "catalog.duckdb"), read_only=True) as con:
-        sql = ("SELECT site_id, status, count(*) AS studies, sum(n_instances) AS files "
-               "FROM studies GROUP BY ALL ORDER BY ALL")
+        sql = ("SELECT site_id, status, count(*) AS studies, sum(n_instances) AS files, "
+               "sum(n_excluded) AS files_excluded FROM studies GROUP BY ALL ORDER BY ALL")
         console.print(f"\nper-site studies in the release:\n  {sql}", highlight=False)
         result = con.execute(sql)
         print_table([d[0] for d in result.description], result.fetchall())

@@ -74,8 +74,10 @@ DOCS: dict[str, Table] = {
         ),
     ),
     "studies": Table(
-        "One row per study that reached curation (quarantined files excepted): published when "
-        "at least one of its files is published, else excluded with the main reason.",
+        "One row per study and batch it arrived in (quarantined files excepted): published "
+        "when at least one of its files in that batch is published, else excluded with the "
+        "main reason; a copy re-sent in a later batch gives the study a row there too "
+        "(study_overview has one row per study).",
         (
             ("study_uid", pa.string(), "Study Instance UID as published (2.25. UID derived "
              "with the key); a split exam's parts carry the first part's UID."),
@@ -103,7 +105,8 @@ DOCS: dict[str, Table] = {
         ),
     ),
     "series": Table(
-        "One row per series that reached curation: published when at least one file is.",
+        "One row per series and batch it arrived in: published when at least one of its "
+        "files in that batch is.",
         (
             ("series_uid", pa.string(), "Series Instance UID as published."),
             ("study_uid", pa.string(), "The series' study (studies.study_uid)."),
@@ -176,6 +179,8 @@ DOCS: dict[str, Table] = {
              "instances or excluded_instances), series (series.series_uid) or study "
              "(studies.study_uid)."),
             ("uid", pa.string(), "The object the outcome is about, at its level."),
+            ("study_uid", pa.string(), "The study of that object as published (a split "
+             "exam's later part: the study it was merged into); joins studies.study_uid."),
             ("rule", pa.string(), "Rule id from schemas/qc_rules.yaml, or inclusion_window / "
              "no_clinical_record from the clinical join."),
             ("outcome", pa.string(), "excluded (the object's files are not published) or "
@@ -275,31 +280,44 @@ VIEWS: dict[str, View] = {
         "One row per study: where it comes from, its patient's clinical context, the "
         "measurements nearest the study, QC outcomes, file counts and where its files are.",
         """
-        WITH files AS (
-            SELECT sop_uid, series_uid, study_uid FROM instances
-            UNION ALL SELECT sop_uid, series_uid, study_uid FROM excluded_instances
+        WITH st AS (  -- one row per study: a study that arrived in several batches is one
+            SELECT site_id, study_uid, list(batch_id ORDER BY batch_id) AS batch_ids,
+                   arg_max(siteid, n_instances) AS siteid,
+                   arg_max(patient_id, n_instances) AS patient_id,
+                   arg_max(study_date, n_instances) AS study_date,
+                   arg_max(study_time, n_instances) AS study_time,
+                   arg_max(days_from_index, n_instances) AS days_from_index,
+                   array_to_string(list_sort(list_distinct(flatten(
+                       list(string_split(modalities, ',')) FILTER (WHERE modalities <> ''))
+                   )), ',') AS modalities,
+                   array_to_string(list_sort(list_distinct(flatten(
+                       list(string_split(all_modalities, ',')))
+                   )), ',') AS all_modalities,
+                   arg_max(description, n_instances) AS description,
+                   CASE WHEN sum(n_instances) > 0 THEN 'published' ELSE 'excluded' END AS status,
+                   CASE WHEN sum(n_instances) = 0 THEN arg_max(reason, n_excluded) END AS reason,
+                   sum(n_series) AS n_series, sum(n_instances) AS n_instances,
+                   sum(n_excluded) AS n_excluded
+            FROM studies GROUP BY site_id, study_uid
         ), qc_by_study AS (
-            SELECT coalesce(f.study_uid, s.study_uid, q.uid) AS study_uid,
-                   list(DISTINCT q.rule ORDER BY q.rule)
-                       FILTER (WHERE q.outcome = 'flagged') AS qc_flags,
-                   list(DISTINCT q.rule ORDER BY q.rule)
-                       FILTER (WHERE q.outcome = 'excluded') AS qc_exclusions
-            FROM qc q
-            LEFT JOIN files f ON q.level = 'instance' AND f.sop_uid = q.uid
-            LEFT JOIN series s ON q.level = 'series' AND s.series_uid = q.uid
-            GROUP BY ALL
+            SELECT site_id, study_uid,
+                   list(DISTINCT rule ORDER BY rule) FILTER (WHERE outcome = 'flagged')
+                       AS qc_flags,
+                   list(DISTINCT rule ORDER BY rule) FILTER (WHERE outcome = 'excluded')
+                       AS qc_exclusions
+            FROM qc GROUP BY ALL
         ), nearest AS (
-            SELECT study_uid,
+            SELECT site_id, study_uid,
                    list({'name': name, 'value': value, 'unit': unit, 'day': day}
                         ORDER BY name) AS nearest_measurements
-            FROM (SELECT st.study_uid, c.name, c.value, c.unit, c.day
-                  FROM studies st JOIN clinical c USING (patient_id)
+            FROM (SELECT st.site_id, st.study_uid, c.name, c.value, c.unit, c.day
+                  FROM studies st JOIN clinical c USING (site_id, patient_id)
                   QUALIFY row_number() OVER (
-                      PARTITION BY st.study_uid, c.name
+                      PARTITION BY st.site_id, st.study_uid, c.name
                       ORDER BY abs(c.day - st.days_from_index) NULLS LAST, c.day, c.value) = 1)
-            GROUP BY study_uid
+            GROUP BY site_id, study_uid
         )
-        SELECT st.site_id, st.batch_id, st.siteid, st.study_uid, st.patient_id,
+        SELECT st.site_id, st.batch_ids, st.siteid, st.study_uid, st.patient_id,
                st.study_date, st.study_time, st.days_from_index, st.modalities,
                st.all_modalities, st.description, st.status, st.reason,
                p.sex, p.age_at_index, p.covid_status, p.covid_status_reason, p.test_method,
@@ -309,14 +327,15 @@ VIEWS: dict[str, View] = {
                st.n_series, st.n_instances, st.n_excluded,
                CASE WHEN st.n_instances > 0 THEN 'dicom/' || st.site_id || '/' || st.patient_id
                     || '/' || st.study_uid || '/' END AS dicom_folder
-        FROM studies st
+        FROM st
         LEFT JOIN patients p ON p.site_id = st.site_id AND p.patient_id = st.patient_id
-        LEFT JOIN qc_by_study q USING (study_uid)
-        LEFT JOIN nearest n USING (study_uid)
+        LEFT JOIN qc_by_study q ON q.site_id = st.site_id AND q.study_uid = st.study_uid
+        LEFT JOIN nearest n ON n.site_id = st.site_id AND n.study_uid = st.study_uid
         """,
         {
             "site_id": PARTITION_DESCRIPTIONS["site_id"],
-            "batch_id": "The batch that published the study.",
+            "batch_ids": "The batches the study's files arrived in (a copy re-sent later "
+                         "adds its batch), sorted.",
             "siteid": DOCS["studies"].column_descriptions["siteid"],
             "study_uid": DOCS["studies"].column_descriptions["study_uid"],
             "patient_id": DOCS["studies"].column_descriptions["patient_id"],
@@ -326,8 +345,10 @@ VIEWS: dict[str, View] = {
             "modalities": DOCS["studies"].column_descriptions["modalities"],
             "all_modalities": DOCS["studies"].column_descriptions["all_modalities"],
             "description": DOCS["studies"].column_descriptions["description"],
-            "status": DOCS["studies"].column_descriptions["status"],
-            "reason": DOCS["studies"].column_descriptions["reason"],
+            "status": "published when any file of the study is published (in any batch), "
+                      "else excluded.",
+            "reason": "For an excluded study, the reason of its batch row with the most "
+                      "excluded files (as studies.reason); null when published.",
             "sex": DOCS["patients"].column_descriptions["sex"] + " Null also when no file of "
                    "the patient is published.",
             "age_at_index": DOCS["patients"].column_descriptions["age_at_index"],
@@ -341,9 +362,12 @@ VIEWS: dict[str, View] = {
                                     "without measurements.",
             "qc_flags": "Rules that flagged the study, one of its series or files (sorted).",
             "qc_exclusions": "Rules that excluded the study, one of its series or files.",
-            "n_series": DOCS["studies"].column_descriptions["n_series"],
-            "n_instances": DOCS["studies"].column_descriptions["n_instances"],
-            "n_excluded": DOCS["studies"].column_descriptions["n_excluded"],
+            "n_series": DOCS["studies"].column_descriptions["n_series"] + " Summed over its "
+                       "batches.",
+            "n_instances": DOCS["studies"].column_descriptions["n_instances"] + " Summed over its "
+                       "batches.",
+            "n_excluded": DOCS["studies"].column_descriptions["n_excluded"] + " Summed over its "
+                       "batches.",
             "dicom_folder": "Folder of the study's published files from the release root "
                             "(dicom/<site_id>/<patient_id>/<study_uid>/); null when none is "
                             "published.",
@@ -353,20 +377,7 @@ VIEWS: dict[str, View] = {
         "RICORD's descriptive table, one row per site: published patients and studies, "
         "studies by modality, age, sex, COVID status and test method.",
         """
-        WITH s AS (
-            SELECT site_id, modality
-            FROM (SELECT site_id, string_split(modalities, ',') AS m FROM studies
-                  WHERE status = 'published'), unnest(m) AS u(modality)
-        ), by_modality AS (
-            SELECT site_id, map_from_entries(list({'k': modality, 'v': n} ORDER BY modality))
-                       AS studies_by_modality
-            FROM (SELECT site_id, modality, count(*) AS n FROM s GROUP BY ALL) GROUP BY site_id
-        ), study_counts AS (
-            SELECT site_id, count(*) FILTER (WHERE status = 'published') AS studies,
-                   count(*) FILTER (WHERE status = 'excluded') AS studies_excluded,
-                   sum(n_instances) AS files
-            FROM studies GROUP BY site_id
-        ), people AS (
+        WITH people AS (
             SELECT site_id, any_value(siteid) AS siteid, count(*) AS patients,
                    round(avg(age_at_index), 1) AS age_mean,
                    round(stddev_samp(age_at_index), 1) AS age_sd,
@@ -379,13 +390,20 @@ VIEWS: dict[str, View] = {
                        AS sex_other_or_unknown,
                    count(*) FILTER (WHERE covid_status = 'positive') AS covid_positive,
                    count(*) FILTER (WHERE covid_status = 'negative') AS covid_negative,
-                   count(*) FILTER (WHERE covid_status = 'unknown') AS covid_unknown
+                   count(*) FILTER (WHERE covid_status = 'unknown') AS covid_unknown,
+                   histogram(coalesce(test_method, 'missing')) AS patients_by_test_method
             FROM patients GROUP BY site_id
-        ), methods AS (
-            SELECT site_id, map_from_entries(list({'k': method, 'v': n} ORDER BY method))
-                       AS patients_by_test_method
-            FROM (SELECT site_id, coalesce(test_method, 'missing') AS method, count(*) AS n
-                  FROM patients GROUP BY ALL) GROUP BY site_id
+        ), study_counts AS (
+            SELECT site_id, count(*) FILTER (WHERE files > 0) AS studies,
+                   count(*) FILTER (WHERE files = 0) AS studies_excluded,
+                   sum(files) AS files,
+                   list_aggregate(flatten(list(modalities) FILTER (WHERE files > 0)),
+                                  'histogram') AS studies_by_modality
+            FROM (SELECT site_id, study_uid, sum(n_instances) AS files,
+                         list_distinct(flatten(list(string_split(modalities, ','))
+                                               FILTER (WHERE modalities <> ''))) AS modalities
+                  FROM studies GROUP BY site_id, study_uid)
+            GROUP BY site_id
         )
         SELECT site_id, siteid, patients, coalesce(studies, 0) AS studies,
                coalesce(studies_excluded, 0) AS studies_excluded, coalesce(files, 0) AS files,
@@ -394,16 +412,14 @@ VIEWS: dict[str, View] = {
                covid_unknown, patients_by_test_method
         FROM people
         LEFT JOIN study_counts USING (site_id)
-        LEFT JOIN by_modality USING (site_id)
-        LEFT JOIN methods USING (site_id)
         ORDER BY site_id
         """,
         {
             "site_id": PARTITION_DESCRIPTIONS["site_id"],
             "siteid": DOCS["patients"].column_descriptions["siteid"],
             "patients": "Published patients (patients rows) of the site.",
-            "studies": "Published studies.",
-            "studies_excluded": "Studies of which no file is published.",
+            "studies": "Published studies (a study counts once, whatever its batches).",
+            "studies_excluded": "Studies of which no file is published in any batch.",
             "files": "Published files (rows in instances).",
             "studies_by_modality": "Published studies per modality (a map); a study with two "
                                    "modalities counts under each.",

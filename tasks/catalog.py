@@ -65,6 +65,19 @@ def dispositions(deidentified: pa.Table, qc_excluded: dict[int, str],
     return out
 
 
+def with_study_uids(qc: pa.Table, rows: list[dict], duplicates: pa.Table) -> pa.Table:
+    """The qc rows with the study each is about, as published: rows are the batch's
+    de-identified files after split exams were merged, so a part merged away is named by the
+    study it joined."""
+    study_of = {"instance": {r["sop_uid"]: r["study_uid"] for r in rows},
+                "series": {r["series_uid"]: r["study_uid"] for r in rows},
+                "study": {d["uid"]: d["kept_uid"] for d in duplicates.to_pylist()
+                          if d["level"] == "study"}}
+    out = [{**q, "study_uid": study_of[q["level"]].get(q["uid"], q["study_uid"])}
+           for q in qc.to_pylist()]
+    return pa.Table.from_pylist(out, schema=cat.QC)
+
+
 def _modalities(members: list[dict]) -> str:
     return ",".join(sorted({m["modality"] for m in members if m["modality"]}))
 
@@ -204,7 +217,7 @@ def assemble_catalog(
         "excluded_instances": pa.Table.from_pylist(excluded_instances,
                                                    schema=cat.EXCLUDED_INSTANCES),
         "clinical": pa.Table.from_pylist(clinical, schema=cat.CLINICAL),
-        "qc": qc_outcomes,
+        "qc": with_study_uids(qc_outcomes, rows, duplicates),
         "duplicates": duplicates,
     }
     return CatalogBatch(tables=tables, files=files, counts=counts)

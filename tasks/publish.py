@@ -208,17 +208,20 @@ def read_published(release: Release, table: str, site_id: str, exclude_batch: st
 
 
 def _view_sql(table: str, files: list[str]) -> str:
+    # the typed empty row set comes first: every view has the schema's columns, in its order
+    # and types, even over batches written before a column was added (those read as NULL)
+    columns = ", ".join(
+        [f"CAST(NULL AS VARCHAR) AS {c}" for c in PARTITION_COLUMNS]
+        + [f'CAST(NULL AS {_duck_type(f.type)}) AS "{f.name}"' for f in TABLES[table]]
+    )
+    empty = f"SELECT {columns} WHERE false"
     if not files:
-        columns = ", ".join(
-            [f"CAST(NULL AS VARCHAR) AS {c}" for c in PARTITION_COLUMNS]
-            + [f"CAST(NULL AS {_duck_type(f.type)}) AS {f.name}" for f in TABLES[table]]
-        )
-        return f"CREATE VIEW {table} AS SELECT {columns} WHERE false"
+        return f"CREATE VIEW {table} AS {empty}"
     listing = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
     return (
-        f"CREATE VIEW {table} AS SELECT site_id, batch_id, * EXCLUDE (site_id, batch_id) "
-        f"FROM read_parquet([{listing}], hive_partitioning = true, union_by_name = true, "
-        "hive_types = {'site_id': 'VARCHAR', 'batch_id': 'VARCHAR'})"
+        f"CREATE VIEW {table} AS {empty} UNION ALL BY NAME "
+        f"SELECT * FROM read_parquet([{listing}], hive_partitioning = true, "
+        "union_by_name = true, hive_types = {'site_id': 'VARCHAR', 'batch_id': 'VARCHAR'})"
     )
 
 
@@ -292,8 +295,10 @@ def refresh_catalog_db(release: Release, work_dir: str) -> bool:
     with duckdb.connect(str(tmp)) as con:
         if not release.local:  # creating a view reads the schema of the Parquet it names
             enable_remote_reads(con, release.storage_options)
+        con.execute("BEGIN")  # one commit, not one per statement
         for statement in statements + catalog_info_statements(fingerprint):
             con.execute(statement)
+        con.execute("COMMIT")
     os.replace(tmp, local_db)
     if not release.local:
         release.fs.put_file(str(local_db), release.path(CATALOG_DB))

@@ -199,3 +199,53 @@ def test_q10_studies_outside_the_inclusion_window(answers, truth):
     assert got == want
     assert all(f"{-days} days before the index date" in detail
                for _, _, _, days, detail in answers[1][10])
+
+
+def test_every_qc_and_duplicates_row_names_an_object_of_the_catalog(answers):
+    release, _ = answers
+    with duckdb.connect(str(release / "catalog.duckdb"), read_only=True) as con:
+        def orphans(sql: str) -> int:
+            return con.execute(sql).fetchone()[0]
+
+        files = "(SELECT sop_uid FROM instances UNION ALL SELECT sop_uid FROM excluded_instances)"
+        assert orphans(f"SELECT count(*) FROM qc WHERE level = 'instance' AND uid NOT IN {files}"
+                       ) == 0
+        assert orphans("SELECT count(*) FROM qc WHERE level = 'series' AND uid NOT IN "
+                       "(SELECT series_uid FROM series)") == 0
+        assert orphans("SELECT count(*) FROM qc WHERE level = 'study' AND uid NOT IN "
+                       "(SELECT study_uid FROM studies)") == 0
+        assert orphans("SELECT count(*) FROM qc WHERE study_uid IS NULL OR study_uid NOT IN "
+                       "(SELECT study_uid FROM studies)") == 0
+        assert orphans("SELECT count(*) FROM qc WHERE level NOT IN ('instance', 'series', "
+                       "'study') OR outcome NOT IN ('excluded', 'flagged')") == 0
+        # a copy is an excluded file and names a published one; a merged part names a study
+        assert orphans("SELECT count(*) FROM duplicates WHERE level = 'instance' AND (uid NOT IN "
+                       "(SELECT sop_uid FROM excluded_instances) OR kept_uid NOT IN "
+                       "(SELECT sop_uid FROM instances))") == 0
+        assert orphans("SELECT count(*) FROM duplicates WHERE level = 'study' AND (uid IN "
+                       "(SELECT study_uid FROM studies) OR kept_uid NOT IN "
+                       "(SELECT study_uid FROM studies))") == 0
+        assert orphans("SELECT count(*) FROM duplicates WHERE level = 'study'") > 0
+        # slice thickness is judged on CT images only, never on a dose report
+        assert orphans("SELECT count(*) FROM qc JOIN excluded_instances e ON e.series_uid = "
+                       "qc.uid WHERE qc.rule = 'ct_slice_thickness' AND e.sop_class_uid <> "
+                       "'1.2.840.10008.5.1.4.1.1.2'") == 0
+        # an excluded study's files are counted, and match its excluded_instances rows
+        assert orphans("SELECT count(*) FROM studies s WHERE n_excluded <> (SELECT count(*) "
+                       "FROM excluded_instances e WHERE e.study_uid = s.study_uid "
+                       "AND e.batch_id = s.batch_id)") == 0
+        # study_overview: one row per study, its files summed over the batches they came in
+        assert orphans("SELECT count(*) - count(DISTINCT study_uid) FROM study_overview") == 0
+        assert orphans("SELECT count(*) FROM study_overview o WHERE n_instances + n_excluded <> "
+                       "(SELECT count(*) FROM instances i WHERE i.study_uid = o.study_uid) + "
+                       "(SELECT count(*) FROM excluded_instances e WHERE e.study_uid = "
+                       "o.study_uid)") == 0
+        assert orphans("SELECT count(*) FROM study_overview WHERE len(batch_ids) > 1") > 0
+        assert orphans("SELECT count(*) FROM studies WHERE status = 'excluded' AND "
+                       "n_excluded = 0") == 0
+        # modalities are those of published series; all_modalities also the excluded ones
+        assert orphans("SELECT count(*) FROM studies s WHERE modalities <> coalesce((SELECT "
+                       "string_agg(DISTINCT modality, ',' ORDER BY modality) FROM series x "
+                       "WHERE x.study_uid = s.study_uid AND x.batch_id = s.batch_id "
+                       "AND x.status = 'published'), '')") == 0
+        assert orphans("SELECT count(*) FROM studies WHERE modalities <> all_modalities") > 0
