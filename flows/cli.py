@@ -394,7 +394,7 @@ def demo(
             "source": {"kind": {"zip_batches": "zip_batches", "tree": "folder",
                                 "flat": "flat"}[site["layout"]],
                        "path": f"sources/{site['source']}"},
-            "clinical": {"path": f"sources/{site['clinical']}"},
+            "clinical": {"path": f"sources/{site['clinical']}", "measured_on": "labs_date"},
             "id_remap": f"sources/{site['remap']}",
         })
     config_path = folder / "radrepo.yaml"
@@ -408,8 +408,8 @@ def demo(
     print_summaries(summaries)
     release = folder / "release"
     with duckdb.connect(str(release / "catalog.duckdb"), read_only=True) as con:
-        sql = ("SELECT site_id, status, count(*) AS studies, sum(n_instances) AS files "
-               "FROM studies GROUP BY ALL ORDER BY ALL")
+        sql = ("SELECT site_id, status, count(*) AS studies, sum(n_instances) AS files, "
+               "sum(n_excluded) AS files_excluded FROM studies GROUP BY ALL ORDER BY ALL")
         console.print(f"\nper-site studies in the release:\n  {sql}", highlight=False)
         result = con.execute(sql)
         print_table([d[0] for d in result.description], result.fetchall())

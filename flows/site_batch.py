@@ -90,8 +90,11 @@ def clinical_join_step(deidentified: pa.Table, patients: pa.Table,
 def dedupe_step(deidentified: pa.Table, excluded: set[int], release: publishing.Release,
                 site_id: str, batch_id: str, split_minutes: int) -> dedupe.DedupeResult:
     published = publishing.read_published(release, "instances", site_id, batch_id,
-                                          ["sop_uid", "sha256"])
-    return dedupe.find_duplicates(deidentified, excluded, published, batch_id, split_minutes)
+                                          ["sop_uid", "sha256", "study_uid", "pixel_sha256"])
+    studies = publishing.read_published(release, "studies", site_id, batch_id,
+                                        ["study_uid", "patient_id", "study_date", "study_time"])
+    return dedupe.find_duplicates(deidentified, excluded, published, batch_id, split_minutes,
+                                  dedupe.published_images(published, studies))
 
 
 @step(name="contact_sheet")

@@ -95,6 +95,9 @@ class ClinicalConfig(Strict):
     age: str | None = None  # an age-at-encounter column, for exports without birth dates
     test_method: str = "test_method"
     result: str = "rtpcr_result"
+    # the column with the date the measurements were taken: clinical.day is that date minus
+    # the index date; without one, day is unknown (null)
+    measured_on: str | None = None
     measurements: dict[str, Measurement] = Field(
         default_factory=lambda: {
             "wcc": Measurement(column="wcc", unit="10^9/L"),
@@ -113,6 +116,9 @@ class QcConfig(Strict):
     ct_slice_thickness_max: float = 5.0
     ct_spacing_tolerance_mm: float = 0.1
     reviewer_cleared_series: tuple[str, ...] = ()
+    # CT, Enhanced CT and Legacy Converted Enhanced CT Image Storage: the objects with slices
+    ct_image_sop_classes: tuple[str, ...] = (
+        "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2")
 
 
 class QcOverrides(Strict):

@@ -81,6 +81,7 @@ DEIDENTIFIED_CLINICAL = pa.schema(
         ("sex", pa.string()),
         ("age_at_index", pa.int32()),
         ("covid_status", pa.string()),
+        ("covid_status_reason", pa.string()),
         ("test_method", pa.string()),
     ]
 )

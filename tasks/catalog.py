@@ -13,6 +13,7 @@ import pyarrow as pa
 
 from schemas import catalog as cat
 from schemas.pipeline import QUARANTINED
+from tasks.dicom_time import parse_tm
 
 PUBLISHED = "published"
 EXCLUDED = "excluded"
@@ -64,6 +65,23 @@ def dispositions(deidentified: pa.Table, qc_excluded: dict[int, str],
     return out
 
 
+def with_study_uids(qc: pa.Table, rows: list[dict], duplicates: pa.Table) -> pa.Table:
+    """The qc rows with the study each is about, as published: rows are the batch's
+    de-identified files after split exams were merged, so a part merged away is named by the
+    study it joined."""
+    study_of = {"instance": {r["sop_uid"]: r["study_uid"] for r in rows},
+                "series": {r["series_uid"]: r["study_uid"] for r in rows},
+                "study": {d["uid"]: d["kept_uid"] for d in duplicates.to_pylist()
+                          if d["level"] == "study"}}
+    out = [{**q, "study_uid": study_of[q["level"]].get(q["uid"], q["study_uid"])}
+           for q in qc.to_pylist()]
+    return pa.Table.from_pylist(out, schema=cat.QC)
+
+
+def _modalities(members: list[dict]) -> str:
+    return ",".join(sorted({m["modality"] for m in members if m["modality"]}))
+
+
 def _status(reasons: list[str | None]) -> tuple[str, str | None]:
     if any(r is None for r in reasons):
         return PUBLISHED, None
@@ -104,6 +122,12 @@ def assemble_catalog(
         for r in published
     ]
     files = [(r["output_path"], dicom_path(site_id, r)) for r in published]
+    excluded_instances = [
+        {**{k: r[k] for k in ("sop_uid", "series_uid", "study_uid", "sop_class_uid", "modality",
+                              "instance_number", "size_bytes", "sha256", "pixel_sha256")},
+         "reason": reason_of[r["seq"]]}
+        for r in rows if reason_of[r["seq"]] is not None
+    ]
 
     by_series: dict[str, list[dict]] = defaultdict(list)
     by_study: dict[str, list[dict]] = defaultdict(list)
@@ -122,6 +146,7 @@ def assemble_catalog(
             "slice_thickness": min(thickness) if thickness else None,
             "description": first["series_description"], "image_type": first["image_type"],
             "n_instances": sum(reason_of[m["seq"]] is None for m in members),
+            "n_excluded": sum(reason_of[m["seq"]] is not None for m in members),
             "text_tokens_removed": sum(m.get("text_tokens_removed") or 0 for m in members),
             "status": status, "reason": reason,
         })
@@ -131,16 +156,17 @@ def assemble_catalog(
     for uid, members in sorted(by_study.items()):
         status, reason = _status([reason_of[m["seq"]] for m in members])
         kept = [m for m in members if reason_of[m["seq"]] is None]
-        times = sorted(m["study_time"] for m in members if m["study_time"])
+        times = sorted(t for t in (parse_tm(m["study_time"]) for m in members) if t)
         link = link_of.get(uid, {})
         studies.append({
             "study_uid": uid, "patient_id": members[0]["patient_id"], "siteid": siteid,
             "study_date": link.get("study_date"), "study_time": times[0] if times else None,
             "days_from_index": link.get("days_from_index"),
-            "modalities": ",".join(sorted({m["modality"] for m in members if m["modality"]})),
+            "modalities": _modalities(kept), "all_modalities": _modalities(members),
             "description": next((m["study_description"] for m in members
                                  if m["study_description"]), None),
             "n_series": len({m["series_uid"] for m in kept}), "n_instances": len(kept),
+            "n_excluded": len(members) - len(kept),
             "status": status, "reason": reason,
         })
 
@@ -153,7 +179,9 @@ def assemble_catalog(
             "patient_id": pid, "siteid": siteid,
             "sex": clin["sex"] if clin else None,
             "age_at_index": clin["age_at_index"] if clin else None,
-            "covid_status": clin["covid_status"] if clin else None,
+            "covid_status": clin["covid_status"] if clin else "unknown",
+            "covid_status_reason": (clin["covid_status_reason"] if clin
+                                    else "no_clinical_record"),
             "test_method": clin["test_method"] if clin else None,
             "index_date": clin["index_date"] if clin else None,
             "has_clinical": clin is not None,
@@ -187,8 +215,10 @@ def assemble_catalog(
         "studies": pa.Table.from_pylist(studies, schema=cat.STUDIES),
         "series": pa.Table.from_pylist(series, schema=cat.SERIES),
         "instances": pa.Table.from_pylist(instances, schema=cat.INSTANCES),
+        "excluded_instances": pa.Table.from_pylist(excluded_instances,
+                                                   schema=cat.EXCLUDED_INSTANCES),
         "clinical": pa.Table.from_pylist(clinical, schema=cat.CLINICAL),
-        "qc": qc_outcomes,
+        "qc": with_study_uids(qc_outcomes, rows, duplicates),
         "duplicates": duplicates,
     }
     return CatalogBatch(tables=tables, files=files, counts=counts)

@@ -13,6 +13,9 @@ import duckdb
 from tasks.duckdb_remote import enable_remote_reads
 from tasks.publish import CATALOG_DB, Release
 
+# the views read one small Parquet file per batch and table: keep their footers between queries
+CACHE_PARQUET_FOOTERS = "SET parquet_metadata_cache = true"
+
 
 class NoCatalog(LookupError):
     """The release has no catalog.duckdb (no batch published there yet)."""
@@ -26,11 +29,13 @@ def open_catalog(release: Release) -> Iterator[duckdb.DuckDBPyConnection]:
                         "published there?")
     if release.local:
         with duckdb.connect(release.path(CATALOG_DB), read_only=True) as con:
+            con.execute(CACHE_PARQUET_FOOTERS)
             yield con
         return
     with tempfile.TemporaryDirectory(prefix="radrepo-catalog-") as folder:
         copy = Path(folder) / CATALOG_DB
         release.fs.get_file(release.path(CATALOG_DB), str(copy))
         with duckdb.connect(str(copy), read_only=True) as con:
+            con.execute(CACHE_PARQUET_FOOTERS)
             enable_remote_reads(con, release.storage_options)
             yield con

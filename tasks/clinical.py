@@ -70,7 +70,8 @@ def join_clinical(deidentified: pa.Table, patients: pa.Table,
         links.append({"study_uid": study_uid, "patient_id": patient_id, "study_date": study_date,
                       "days_from_index": days, "has_clinical": has_clinical})
         if not has_clinical:
-            outcomes.append({"level": "study", "uid": study_uid, "rule": "no_clinical_record",
+            outcomes.append({"level": "study", "uid": study_uid, "study_uid": study_uid,
+                             "rule": "no_clinical_record",
                              "outcome": "flagged", "detail": "no clinical record for the "
                              "patient (is an ID remap missing?)"})
             continue
@@ -78,7 +79,8 @@ def join_clinical(deidentified: pa.Table, patients: pa.Table,
         detail = _outside(days, found[1]) if found and days is not None else None
         if detail:
             outside[study_uid] = f"outside_window:{found[0]}"
-            outcomes.append({"level": "study", "uid": study_uid, "rule": "inclusion_window",
+            outcomes.append({"level": "study", "uid": study_uid, "study_uid": study_uid,
+                             "rule": "inclusion_window",
                              "outcome": "excluded", "detail": f"{found[0]} study {detail}"})
     return ClinicalJoin(links=pa.Table.from_pylist(links, schema=STUDY_LINKS),
                         outside_window=outside,

@@ -29,12 +29,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from schemas.catalog import MANIFEST, PARTITION_COLUMNS, TABLES
+from schemas.catalog import MANIFEST, PARTITION_COLUMNS, TABLES, VIEWS
+from tasks.catalog_dictionary import (
+    catalog_info_statements,
+    comment_statements,
+    dictionary_markdown,
+)
 from tasks.duckdb_remote import enable_remote_reads
 from tasks.kill_point import kill_point
 
 COMPLETE = "COMPLETE"
 CATALOG_DB = "catalog.duckdb"
+CATALOG_README = "catalog/README.md"
 KEY_CHECK = "KEY-CHECK"
 LEGACY_MANIFEST = "manifest.parquet"  # the one manifest of a batch published before versions
 MANIFEST_FILE = re.compile(r"^manifest(-[0-9a-f]{16})?\.parquet$")
@@ -350,17 +356,20 @@ def read_published(release: Release, table: str, site_id: str, exclude_batch: st
 
 
 def _view_sql(table: str, files: list[str]) -> str:
+    # the typed empty row set comes first: every view has the schema's columns, in its order
+    # and types, even over batches written before a column was added (those read as NULL)
+    columns = ", ".join(
+        [f"CAST(NULL AS VARCHAR) AS {c}" for c in PARTITION_COLUMNS]
+        + [f'CAST(NULL AS {_duck_type(f.type)}) AS "{f.name}"' for f in TABLES[table]]
+    )
+    empty = f"SELECT {columns} WHERE false"
     if not files:
-        columns = ", ".join(
-            [f"CAST(NULL AS VARCHAR) AS {c}" for c in PARTITION_COLUMNS]
-            + [f"CAST(NULL AS {_duck_type(f.type)}) AS {f.name}" for f in TABLES[table]]
-        )
-        return f"CREATE VIEW {table} AS SELECT {columns} WHERE false"
+        return f"CREATE VIEW {table} AS {empty}"
     listing = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
     return (
-        f"CREATE VIEW {table} AS SELECT site_id, batch_id, * EXCLUDE (site_id, batch_id) "
-        f"FROM read_parquet([{listing}], hive_partitioning = true, union_by_name = true, "
-        "hive_types = {'site_id': 'VARCHAR', 'batch_id': 'VARCHAR'})"
+        f"CREATE VIEW {table} AS {empty} UNION ALL BY NAME "
+        f"SELECT * FROM read_parquet([{listing}], hive_partitioning = true, "
+        "union_by_name = true, hive_types = {'site_id': 'VARCHAR', 'batch_id': 'VARCHAR'})"
     )
 
 
@@ -379,6 +388,8 @@ def _duck_type(t: pa.DataType) -> str:
         return "DATE"
     if pa.types.is_timestamp(t):
         return "TIMESTAMPTZ"
+    if pa.types.is_time(t):
+        return "TIME"
     raise TypeError(f"no DuckDB type for {t}")
 
 
@@ -404,7 +415,8 @@ def catalog_view_statements(release: Release) -> list[str]:
         f"CREATE VIEW batches AS SELECT * FROM (VALUES {rows}) AS t(site_id, batch_id) "
         "WHERE site_id IS NOT NULL"
     )
-    return statements
+    statements += [f"CREATE VIEW {name} AS {view.sql.strip()}" for name, view in VIEWS.items()]
+    return statements + comment_statements()
 
 
 def refresh_catalog_db(release: Release, work_dir: str) -> bool:
@@ -419,6 +431,7 @@ def refresh_catalog_db(release: Release, work_dir: str) -> bool:
     work = Path(work_dir)
     local_db = Path(release.path(CATALOG_DB)) if release.local else work / CATALOG_DB
     if catalog_fingerprint(local_db) == fingerprint:
+        _write_dictionary(release, local_db)
         return False
     work.mkdir(parents=True, exist_ok=True)
     for stale in work.glob(f".{CATALOG_DB}{TEMPORARY}*"):
@@ -427,9 +440,10 @@ def refresh_catalog_db(release: Release, work_dir: str) -> bool:
     with duckdb.connect(str(tmp)) as con:
         if not release.local:  # creating a view reads the schema of the Parquet it names
             enable_remote_reads(con, release.storage_options)
-        for statement in statements:
+        con.execute("BEGIN")  # one commit, not one per statement
+        for statement in statements + catalog_info_statements(fingerprint):
             con.execute(statement)
-        con.execute("CREATE TABLE catalog_info AS SELECT ? AS views_sha256", [fingerprint])
+        con.execute("COMMIT")
     if release.local:
         local_db.parent.mkdir(parents=True, exist_ok=True)
         beside = local_db.with_name(f".{CATALOG_DB}{TEMPORARY}{os.getpid()}")
@@ -439,6 +453,7 @@ def refresh_catalog_db(release: Release, work_dir: str) -> bool:
     else:  # uploaded before the work copy is replaced: a kill between leaves a stale copy
         release.fs.put_file(str(tmp), release.path(CATALOG_DB))
         os.replace(tmp, local_db)
+    _write_dictionary(release, local_db)
     return True
 
 
@@ -452,3 +467,9 @@ def catalog_fingerprint(db: Path) -> str | None:
     except duckdb.Error:
         return None
     return row[0] if row else None
+
+
+def _write_dictionary(release: Release, local_db: Path) -> None:
+    """catalog/README.md from the database's own comments (unchanged bytes are not rewritten)."""
+    with duckdb.connect(str(local_db), read_only=True) as con:
+        release.write_bytes(CATALOG_README, dictionary_markdown(con).encode())

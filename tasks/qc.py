@@ -51,12 +51,14 @@ def _rule_sql(rule: dict, params: dict) -> str:
     when, detail = rule["when"].format(**literals), rule["detail"].format(**literals)
     level = rule["level"]
     if level == "instance":
-        return f"SELECT seq, sop_uid AS uid, {detail} AS detail FROM instances WHERE {when}"
+        return (f"SELECT seq, sop_uid AS uid, study_uid, {detail} AS detail FROM instances "
+                f"WHERE {when}")
     key = LEVEL_KEYS[level]
     return (
         f"WITH hits AS (SELECT {key} AS uid, {detail} AS detail FROM instances "
         f"GROUP BY {key} HAVING {when}) "
-        f"SELECT i.seq, hits.uid, hits.detail FROM hits JOIN instances i ON i.{key} = hits.uid"
+        f"SELECT i.seq, hits.uid, i.study_uid, hits.detail FROM hits "
+        f"JOIN instances i ON i.{key} = hits.uid"
     )
 
 
@@ -79,12 +81,13 @@ def evaluate_qc(deidentified: pa.Table, params: dict | None = None) -> QcResult:
     for rule in rules["rules"]:
         hits = con.execute(_rule_sql(rule, params)).fetchall()
         reported: set[str] = set()
-        for seq, uid, detail in sorted(hits):
+        for seq, uid, study_uid, detail in sorted(hits, key=lambda h: h[0]):
             if rule["action"] == "exclude":
                 excluded.setdefault(seq, rule["id"])
             if uid not in reported:
                 reported.add(uid)
-                outcome_rows.append({"level": rule["level"], "uid": uid, "rule": rule["id"],
-                                     "outcome": OUTCOMES[rule["action"]], "detail": detail})
+                outcome_rows.append({"level": rule["level"], "uid": uid, "study_uid": study_uid,
+                                     "rule": rule["id"], "outcome": OUTCOMES[rule["action"]],
+                                     "detail": detail})
     con.close()
     return QcResult(outcomes=pa.Table.from_pylist(outcome_rows, schema=QC), excluded=excluded)

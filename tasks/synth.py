@@ -50,7 +50,7 @@ _CXR_CUTOFF = date(2020, 5, 23)  # radiographs from this day on go to the late C
 
 _CLINICAL_COLUMNS = (
     "mrn", "covid_encounter_date", "test_method", "rtpcr_result", "sex", "birth_date",
-    "wcc", "crp", "po2", "notes",
+    "wcc", "crp", "po2", "labs_date", "notes",
 )
 _DICOM_FIELDS = (
     "mrn", "accession", "study_uid", "series_uid", "sop_uid", "sop_class_uid", "modality", "role",
@@ -191,6 +191,7 @@ class _Patient:
     other_id: str
     index_date: date
     has_images: bool = True
+    clinical: dict = field(default_factory=dict)  # what the EMR export says, for the truth
 
     @property
     def pn(self) -> str:
@@ -234,6 +235,7 @@ class _Exam:
     quirk: str | None
     copy_of: _Exam | None = None  # original of a re-sent or pediatric double copy
     readme: bool = False
+    zip_suffix: str = ""  # a second zip of one exam id and time; sorts after the original
 
     @property
     def code(self) -> str:
@@ -254,7 +256,8 @@ class _Exam:
 
     def zip_key(self) -> str:
         mrn, stamp = self.patient.mrn, f"{self.when:%Y%m%d-%H%M%S}"
-        return f"{_BATCH_FOLDERS[self.batch]}/{mrn}_{stamp}_{self.exam_id}_{self.code}.zip"
+        return (f"{_BATCH_FOLDERS[self.batch]}/{mrn}_{stamp}_{self.exam_id}_{self.code}"
+                f"{self.zip_suffix}.zip")
 
 
 @dataclass(frozen=True)
@@ -377,6 +380,22 @@ class _Site:
         late = self._exam(p, "ct", self._when(p, days), batch=_CT_OPEN, quirk="in_progress")
         q["in_progress"] = {"zip": late.zip_key()}
 
+        # the pediatric double store again, its copy arriving a batch later
+        p = self._patient(pediatric=True)
+        original = self._exam(p, "ped_port", self._when(p, 2), batch=_CXR_EARLY,
+                              quirk="pediatric_double")
+        later = self._reissue(original, batch=_CXR_LATE)
+        q["pediatric_double_across_batches"] = {"original_zip": original.zip_key(),
+                                                "copy_zip": later.zip_key()}
+        # and once with both copies under the same exam id (a double store, not a split exam)
+        p = self._patient(pediatric=True)
+        original = self._exam(p, "ped_port", self._when(p, 4), batch=_CXR_EARLY,
+                              quirk="pediatric_double")
+        twin = self._reissue(original, same_exam_id=True)
+        q["double_store_same_exam_id"] = {"original_zip": original.zip_key(),
+                                          "copy_zip": twin.zip_key(),
+                                          "exam_id": original.exam_id}
+
     def _plant_tree(self) -> None:
         p = self._patient()
         ct = self._exam(p, "ct", self._when(p, 2), _EXAM_TYPES["ct"][2] + _CT_EXTRAS)
@@ -450,12 +469,16 @@ class _Site:
         self.exams.append(exam)
         return exam
 
-    def _reissue(self, original: _Exam) -> _Exam:
-        """Same procedure stored again by PACS: new HIRO id and new UIDs, same pixels and time."""
+    def _reissue(self, original: _Exam, batch: str | None = None,
+                 same_exam_id: bool = False) -> _Exam:
+        """Same procedure stored again by PACS: new HIRO id (unless ``same_exam_id``) and new
+        UIDs, same pixels and time; in ``batch``, or the original's."""
         series = [replace(s, uid=self._uid(), sop_uids=[self._uid() for _ in s.sop_uids])
                   for s in original.series]
-        copy = replace(original, exam_id=self._exam_id(), study_uid=self._uid(),
-                       pps_uid=self._uid(), series=series, copy_of=original)
+        copy = replace(original, exam_id=original.exam_id if same_exam_id else self._exam_id(),
+                       study_uid=self._uid(), pps_uid=self._uid(), series=series,
+                       copy_of=original, batch=batch or original.batch,
+                       zip_suffix="2" if same_exam_id else "")
         self.exams.append(copy)
         return copy
 
@@ -517,7 +540,7 @@ class _Site:
                 {"mrn": p.mrn, "current_mrn": p.current_mrn, "name": p.pn,
                  "birth_date": f"{p.birth_date:%Y%m%d}", "sex": p.sex,
                  "index_date": f"{p.index_date:%Y%m%d}", "has_clinical": True,
-                 "has_images": p.has_images}
+                 "has_images": p.has_images, "clinical": p.clinical}
                 for p in self.patients
             ],
             "files": sorted(files, key=lambda f: f["key"]),
@@ -597,6 +620,8 @@ class _Site:
 
     def _write_clinical(self, path: Path) -> None:
         rng = self.rng
+        # lab dates have their own stream, so adding them left every other draw as it was
+        labs_rng = random.Random(f"radrepo-synth:{self.ids.seed}:{self.sid}:labs")
         with open(path, "w", newline="", encoding="utf-8") as fh:
             writer = csv.writer(fh, lineterminator="\n")
             writer.writerow(_CLINICAL_COLUMNS)
@@ -607,9 +632,18 @@ class _Site:
                     result = "positive" if rng.random() < 0.85 else "negative"
                 labs = [f"{rng.uniform(lo, hi):.1f}" if rng.random() < 0.8 else ""
                         for lo, hi in ((3.0, 18.0), (1.0, 250.0), (50.0, 100.0))]
+                labs_day = labs_rng.randint(-2, 5)
                 note = f"{p.given} {p.family} presented with {rng.choice(_SYMPTOMS)}."
                 writer.writerow((p.current_mrn, p.index_date.isoformat(), method, result, p.sex,
-                                 p.birth_date.isoformat(), *labs, note))
+                                 p.birth_date.isoformat(), *labs,
+                                 (p.index_date + timedelta(days=labs_day)).isoformat(), note))
+                p.clinical = {
+                    "test_method": method, "rtpcr_result": result,
+                    "age_at_index": min(_completed_years(p.birth_date, p.index_date), 90),
+                    "labs_day": labs_day,
+                    "labs": {name: float(v) for name, v in zip(("wcc", "crp", "po2"), labs,
+                                                               strict=True) if v},
+                }
 
     def _entry(self, key: str, exam: _Exam, series: _Series, i: int, *,
                quirk: str | None = None, duplicate_of: str | None = None,
@@ -796,6 +830,10 @@ _XR_TECHNIQUE = (
     ("ImagerPixelSpacing", ["0.139", "0.139"]), ("FieldOfViewShape", "RECTANGLE"),
     ("ProtocolName", "CHEST 1V"), ("AcquisitionNumber", "1"),
 )
+
+
+def _completed_years(birth: date, at: date) -> int:
+    return at.year - birth.year - ((at.month, at.day) < (birth.month, birth.day))
 
 
 def _letters(k: int) -> str:

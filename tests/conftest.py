@@ -75,7 +75,7 @@ def consortium_config(corpus_dir: Path, truth: dict, release: Path, work: Path,
         sites.append({
             "site_id": site_id,
             "source": {"kind": kinds[site["layout"]], "path": str(corpus_dir / site["source"])},
-            "clinical": {"path": str(corpus_dir / site["clinical"])},
+            "clinical": {"path": str(corpus_dir / site["clinical"]), "measured_on": "labs_date"},
             "id_remap": str(corpus_dir / site["remap"]),
         })
     cfg = {"release": str(release), "work_dir": str(work), "sites": sites}

@@ -83,13 +83,27 @@ def test_qc_ct_and_radiograph_rules():
         ("2.25.1008", "radiograph_not_frontal"): "view position LL is not frontal",
     }
     thickness = next(r for r in result.outcomes.to_pylist() if r["rule"] == "ct_slice_thickness")
-    assert thickness == {"level": "series", "uid": "2.25.14", "rule": "ct_slice_thickness",
+    assert thickness == {"level": "series", "uid": "2.25.14", "study_uid": "2.25.1",
+                         "rule": "ct_slice_thickness",
                          "outcome": "excluded",
                          "detail": "slice thickness 1.0 mm is outside 2.5-5.0 mm"}
     # a site may accept thin slices; a reviewer may clear a burned-in series
     relaxed = evaluate_qc(t, {"ct_slice_thickness_min": 0.5,
                               "reviewer_cleared_series": ["2.25.23"]})
     assert set(relaxed.excluded) == {3, 4, 10}
+
+
+def test_slice_thickness_is_judged_on_ct_images_only():
+    dose = {"series_uid": "2.25.15", "sop_class_uid": SC, "image_type": "DERIVED\\SECONDARY",
+            "slice_thickness": None}
+    t = table(instance(0), instance(1, **dose))
+    result = evaluate_qc(t)
+    assert result.excluded == {1: "secondary_capture"}
+    assert "ct_slice_thickness" not in {r["rule"] for r in result.outcomes.to_pylist()}
+    # a CT image series without a thickness says so, without a number it does not have
+    missing = evaluate_qc(table(instance(0, slice_thickness=None)))
+    [row] = [r for r in missing.outcomes.to_pylist() if r["rule"] == "ct_slice_thickness"]
+    assert row["detail"] == "slice thickness missing"
 
 
 def test_site_qc_overrides_merge_over_the_consortium(tmp_path):
@@ -233,6 +247,8 @@ def test_split_exam_parts_merge_into_one_study(tmp_path):
     assert set(result.merged) == {1}  # the part 2 hours later is another exam
     [merge] = result.rows.to_pylist()
     assert merge["kind"] == "split_merged" and merge["kept_uid"] == target
+    # one row per part merged away, naming studies at both ends
+    assert merge["level"] == "study" and merge["uid"] == rows[1]["study_uid"]
     assert "9 minutes apart" in merge["evidence"]
     moved = pydicom.dcmread(rows[1]["output_path"])
     assert moved.StudyInstanceUID == target and moved.PatientID == rows[1]["patient_id"]

@@ -20,7 +20,7 @@ from tasks.synth import CR_WINDOW_START, CT_WINDOW_START, synthesize
 UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
 ZIP_NAME_RE = re.compile(r"^(\d+)_(\d{8}-\d{6})_(A\d{3,})_([A-Z0-9-]+)\.zip$")
 CLINICAL_HEADER = ["mrn", "covid_encounter_date", "test_method", "rtpcr_result", "sex",
-                   "birth_date", "wcc", "crp", "po2", "notes"]
+                   "birth_date", "wcc", "crp", "po2", "labs_date", "notes"]
 
 
 @pytest.fixture(scope="module")

@@ -54,6 +54,13 @@ def _age_at_index(row: dict, cfg: ClinicalConfig, index_day: date) -> int | None
     return min(int(age), 90) if age is not None and age >= 0 else None
 
 
+def covid_status_reason(result: str) -> str:
+    """Why covid_status is what it is (the values schemas/catalog.py documents)."""
+    if not result:
+        return "no_result"
+    return "result" if result in COVID_STATUS else "unrecognised_result"
+
+
 def _float(text: str | None) -> float | None:
     try:
         return float(text) if text not in (None, "") else None
@@ -72,7 +79,8 @@ def deidentify_clinical(
         raise SourceUnavailable(f"site {site_id}: the clinical export is missing or "
                                 "unreadable") from None
     wanted = [cfg.patient_id, cfg.index_date, cfg.sex, cfg.test_method, cfg.result] + [
-        c for c in (cfg.birth_date, cfg.age) if c] + [m.column for m in cfg.measurements.values()]
+        c for c in (cfg.birth_date, cfg.age, cfg.measured_on) if c] + [
+        m.column for m in cfg.measurements.values()]
     for column in wanted:
         if column not in header:
             raise ClinicalError(f"clinical export has no column {column!r}")
@@ -96,12 +104,15 @@ def deidentify_clinical(
             continue
         offset = timedelta(days=keys.date_offset_days(site_id, key))
         result = (row[cfg.result] or "").strip().lower()
+        measured = _parse_date(row[cfg.measured_on]) if cfg.measured_on else None
+        day = (measured - index_day).days if measured else None
         patients[pseudonym] = {
             "patient_id": pseudonym,
             "index_date": index_day + offset,
             "sex": (row[cfg.sex] or "").strip().upper()[:1] or None,
             "age_at_index": _age_at_index(row, cfg, index_day),
             "covid_status": COVID_STATUS.get(result, "unknown"),
+            "covid_status_reason": covid_status_reason(result),
             "test_method": (row[cfg.test_method] or "").strip() or None,
         }
         for name, m in cfg.measurements.items():
@@ -109,7 +120,7 @@ def deidentify_clinical(
             if value is not None:
                 measurements.append(
                     {"patient_id": pseudonym, "name": name, "value": value, "unit": m.unit,
-                     "day": 0}
+                     "day": day}
                 )
     return DeidentifiedClinical(
         patients=pa.Table.from_pylist(list(patients.values()), schema=DEIDENTIFIED_CLINICAL),
