@@ -405,6 +405,21 @@ def export(
                   f"{result.checksum}; audit record {result.record_id}", highlight=False)
 
 
+@app.command()
+def report(
+    release: Annotated[str, typer.Argument(help="release folder or URL (s3://bucket/prefix)")],
+) -> None:
+    """Write the release report (reports/index.html): descriptive tables by site, plots, links
+    to the contact sheets; one static page, viewable offline."""
+    from tasks.publish import Release
+    from tasks.report import write_report
+
+    location = Release(release)
+    if not location.complete_batches():
+        _fail(f"no COMPLETE batch in {release}: nothing to report", 2)
+    console.print(f"report: {location.url}/{write_report(location)}", highlight=False)
+
+
 def print_table(columns: list[str], rows: list[tuple]) -> None:
     table = Table(*columns)
     for row in rows:
