@@ -212,6 +212,9 @@ def create_release(release: Release, name: str, where: str | None = None,
         raise ReleaseExists(f"a frozen release named {name!r} exists; releases are never "
                             "rewritten: choose another name")
     where_text = where if where is not None else ALL_STUDIES
+    base = release_dir(name)
+    if release.fs.exists(release.path(base)):  # a creation that never finished: never visible
+        release.fs.rm(release.path(base), recursive=True)
     batches = release.complete_batches()
     if not batches:
         raise FrozenReleaseError("no COMPLETE batch to freeze")
@@ -225,7 +228,6 @@ def create_release(release: Release, name: str, where: str | None = None,
 
     instances = tables["instances"].select(["site_id", "batch_id", "path"]).to_pylist()
     published = _batch_files(release, {(r["site_id"], r["batch_id"]) for r in instances})
-    base = release_dir(name)
     manifest = []
     for row in sorted(instances, key=lambda r: r["path"]):
         if row["path"] not in published:

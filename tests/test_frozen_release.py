@@ -229,3 +229,14 @@ def test_a_release_in_s3_freezes_with_server_side_copies_and_the_same_checksum(r
         assert result.exit_code == 0, result.output
         assert f"│ {manifest.num_rows} " in result.output
         assert cli("release", "create", url, "ct-positive").exit_code == 1
+
+
+def test_a_creation_that_never_finished_is_replaced_not_trusted(release):
+    stale = release / "releases" / "v1"
+    (stale / "dicom").mkdir(parents=True)
+    (stale / "dicom" / "left-over.dcm").write_bytes(b"from a crashed run")
+    assert cli("query", release, "--release", "v1", "SELECT 1").exit_code == 2  # not frozen
+    made = cli("release", "create", release, "v1", "--where", POSITIVE_CT)
+    assert made.exit_code == 0, made.output
+    assert not (stale / "dicom" / "left-over.dcm").exists()
+    assert cli("release", "verify", release, "v1").exit_code == 0
