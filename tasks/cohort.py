@@ -13,10 +13,6 @@ import pyarrow as pa
 
 from schemas.catalog import TABLES
 
-SELECTION_SQL = (
-    "SELECT s.*, p.* EXCLUDE (patient_id, site_id, batch_id, siteid) "
-    "FROM studies s LEFT JOIN patients p USING (patient_id)"
-)
 MAX_PREDICATE = 4000
 
 # how each catalog table is cut down to the chosen studies (``chosen``: their study_uid)
@@ -43,9 +39,21 @@ class PredicateError(ValueError):
     """The --where text is not one boolean SQL expression over the selection columns."""
 
 
+def _columns(con: duckdb.DuckDBPyConnection, view: str) -> list[str]:
+    return [d[0] for d in con.execute(f"SELECT * FROM {view} LIMIT 0").description]
+
+
+def selection_sql(con: duckdb.DuckDBPyConnection) -> str:
+    """``SELECT s.*, p.* EXCLUDE (...) FROM studies s LEFT JOIN patients p USING
+    (patient_id)``: the patient's columns that studies lacks, whatever the catalog holds."""
+    shared = [c for c in _columns(con, "patients") if c in set(_columns(con, "studies"))]
+    return (f"SELECT s.*, p.* EXCLUDE ({', '.join(shared)}) "
+            "FROM studies s LEFT JOIN patients p USING (patient_id)")
+
+
 def selection_table(con: duckdb.DuckDBPyConnection) -> pa.Table:
     """The relation predicates are written against: one row per study, with its patient."""
-    return con.execute(f"{SELECTION_SQL} ORDER BY study_uid").to_arrow_table()
+    return con.execute(f"{selection_sql(con)} ORDER BY study_uid").to_arrow_table()
 
 
 def parse_predicate(where: str) -> duckdb.Expression:
@@ -87,6 +95,10 @@ def select_studies(selection: pa.Table, where: str) -> list[str]:
 
 def filtered_tables(con: duckdb.DuckDBPyConnection, study_uids: list[str]) -> dict[str, pa.Table]:
     """Every catalog table of ``con``'s views cut down to the studies, rows in a fixed order."""
+    unruled = sorted(set(TABLES) - set(FILTERS))
+    if unruled:
+        raise KeyError(f"no rule cutting {', '.join(unruled)} down to studies: add one to "
+                       "tasks.cohort.FILTERS")
     chosen = pa.table({"study_uid": pa.array(study_uids, pa.string())})
     con.register("chosen", chosen)
     try:

@@ -43,7 +43,7 @@ from schemas.release import (
 )
 from tasks.audit import audit_path, audit_record, audit_view_sql
 from tasks.catalog_query import open_catalog
-from tasks.cohort import SELECTION_SQL, filtered_tables, select_studies, selection_table
+from tasks.cohort import filtered_tables, select_studies, selection_sql, selection_table
 from tasks.duckdb_remote import enable_remote_reads
 from tasks.publish import CATALOG_DB, Release, catalog_view_statements, table_bytes
 
@@ -167,16 +167,14 @@ def sums_text(files: dict[str, bytes]) -> bytes:
                    for path, data in sorted(files.items())).encode()
 
 
-def snapshot_view_statements(release: Release, name: str) -> list[str]:
+def create_snapshot_views(con: duckdb.DuckDBPyConnection, release: Release, name: str) -> None:
     """Views of a frozen release: each table over its snapshot, ``selection``, ``audit``."""
-    statements = []
     for table in TABLES:
         uri = release.uri(f"{release_dir(name)}/{SNAPSHOT_DIR}/{table}.parquet")
-        statements.append(f"CREATE VIEW {table} AS SELECT * FROM read_parquet("
-                          f"'{uri.replace(chr(39), chr(39) * 2)}')")
-    statements.append(f"CREATE VIEW selection AS {SELECTION_SQL}")
-    statements.append(audit_view_sql(release, name))
-    return statements
+        con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet("
+                    f"'{uri.replace(chr(39), chr(39) * 2)}')")
+    con.execute(f"CREATE VIEW selection AS {selection_sql(con)}")
+    con.execute(audit_view_sql(release, name))
 
 
 def _write_views(release: Release, name: str, info: dict) -> None:
@@ -185,8 +183,7 @@ def _write_views(release: Release, name: str, info: dict) -> None:
         with duckdb.connect(str(local)) as con:
             if not release.local:
                 enable_remote_reads(con, release.storage_options)
-            for statement in snapshot_view_statements(release, name):
-                con.execute(statement)
+            create_snapshot_views(con, release, name)
             con.execute("CREATE TABLE release_info AS SELECT ? AS name, ? AS checksum, "
                         "? AS where_sql, ? AS description",
                         [name, info["checksum"], info["where"], info["description"]])
@@ -315,6 +312,5 @@ def open_frozen(release: Release, name: str) -> Iterator[duckdb.DuckDBPyConnecti
 def frozen_connection(release: Release, name: str) -> duckdb.DuckDBPyConnection:
     """An in-memory connection with a frozen release's views, for reading and filtering."""
     con = _catalog_connection(release)
-    for statement in snapshot_view_statements(release, name):
-        con.execute(statement)
+    create_snapshot_views(con, release, name)
     return con

@@ -200,7 +200,8 @@ def test_bad_names_are_refused(release):
     assert not (release / "releases").exists()
 
 
-def test_a_release_in_s3_freezes_with_server_side_copies_and_the_same_checksum(release):
+def test_a_release_in_s3_freezes_with_server_side_copies_and_the_same_checksum_and_report(
+        release):
     import s3fs
 
     local = cli("release", "create", release, "ct-positive", "--where", POSITIVE_CT)
@@ -229,6 +230,11 @@ def test_a_release_in_s3_freezes_with_server_side_copies_and_the_same_checksum(r
         assert result.exit_code == 0, result.output
         assert f"│ {manifest.num_rows} " in result.output
         assert cli("release", "create", url, "ct-positive").exit_code == 1
+        # the report of a release in S3 is written there, the same page as the local one's
+        assert cli("report", url).exit_code == 0
+        assert cli("report", release).exit_code == 0
+        assert fs.cat_file("frozen/v1/reports/index.html") == (
+            release / "reports" / "index.html").read_bytes()
 
 
 def test_a_creation_that_never_finished_is_replaced_not_trusted(release):
@@ -240,3 +246,10 @@ def test_a_creation_that_never_finished_is_replaced_not_trusted(release):
     assert made.exit_code == 0, made.output
     assert not (stale / "dicom" / "left-over.dcm").exists()
     assert cli("release", "verify", release, "v1").exit_code == 0
+
+
+def test_every_catalog_table_has_a_rule_cutting_it_down_to_studies():
+    from schemas.catalog import TABLES
+    from tasks.cohort import FILTERS
+
+    assert set(FILTERS) == set(TABLES)
