@@ -1,6 +1,6 @@
 """Choose studies by an analyst's SQL predicate and cut every catalog table down to them.
 
-The predicate is evaluated over ``selection``: one row per study, the ``studies`` columns joined
+The predicate is evaluated over ``selection``: one row per study row, the ``studies`` columns joined
 with the columns of its patient (sex, age_at_index, covid_status, test_method, ...). It runs in
 a DuckDB of its own that holds only that table, with file access, Python replacement scans and
 configuration changes disabled, so it can read nothing else and change nothing.
