@@ -22,8 +22,8 @@ REPORT_PATH = "reports/index.html"
 
 _LATEST_RUNS = ("(SELECT * FROM runs QUALIFY row_number() OVER (PARTITION BY site_id, batch_id "
                 "ORDER BY finished DESC, run_id DESC) = 1)")
-_PUBLISHED_STUDIES = ("(SELECT DISTINCT s.site_id, s.study_uid, s.study_date, s.modalities "
-                      "FROM studies s WHERE s.status = 'published')")
+_PUBLISHED_STUDIES = ("(SELECT DISTINCT site_id, study_uid, study_date FROM studies "
+                      "WHERE status = 'published')")
 _PATIENTS = "(SELECT DISTINCT ON (patient_id) * FROM patients ORDER BY patient_id, batch_id)"
 
 ALL_SITES = "all sites"
@@ -43,8 +43,8 @@ QUERIES: dict[str, str] = {
         FROM {_PUBLISHED_STUDIES} {_BY_SITE}
         UNION ALL
         SELECT {_SITE}, 'Studies by modality', modality, count(*), 2, 0
-        FROM (SELECT site_id, unnest(string_split(modalities, ',')) AS modality
-              FROM {_PUBLISHED_STUDIES}) {_BY_SITE_AND.format("modality")}
+        FROM (SELECT DISTINCT site_id, study_uid, modality FROM series
+              WHERE status = 'published') {_BY_SITE_AND.format("modality")}
         UNION ALL
         SELECT {_SITE}, 'Age at index (years)', 'median', median(age_at_index), 3, 0
         FROM {_PATIENTS} WHERE age_at_index IS NOT NULL {_BY_SITE}

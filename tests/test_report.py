@@ -146,6 +146,15 @@ def test_the_report_renders_offline_in_chromium_with_the_catalog_numbers(
     for site, sex, n in catalog(release, "SELECT site_id, sex, count(*) FROM patients "
                                          "GROUP BY ALL"):
         assert dom.cells[("Sex", sex, site)] == str(n)
+    for site, modality, n in catalog(release, "SELECT site_id, modality, count(DISTINCT "
+                                              "study_uid) FROM series WHERE status = "
+                                              "'published' GROUP BY ALL"):
+        assert dom.cells[("Studies by modality", modality, site)] == str(n)
+    excluded_only = {m for (m,) in catalog(
+        release, "SELECT modality FROM series WHERE status = 'excluded' EXCEPT "
+                 "SELECT modality FROM series WHERE status = 'published'")}
+    assert excluded_only  # the corpus plants modalities QC excludes (OT secondary captures)
+    assert not {m for _, m, _ in dom.cells} & excluded_only
     oldest = catalog(release, "SELECT max(age_at_index) FROM patients")[0][0]
     assert dom.cells[("Age at index (years)", "maximum", "all sites")] == str(oldest)
 
