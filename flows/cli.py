@@ -1,4 +1,4 @@
-"""The ``radrepo`` command line: synth, run, query and demo."""
+"""The ``radrepo`` command line: synth, run, query, frozen releases, export and demo."""
 
 from __future__ import annotations
 
@@ -247,23 +247,27 @@ def backfill(
 def query(
     release: Annotated[str, typer.Argument(help="release folder or URL (s3://bucket/prefix)")],
     sql: Annotated[str, typer.Argument(help="SQL over the catalog views")],
+    frozen: Annotated[str | None, typer.Option(
+        "--release", help="query this frozen release (a name, or current) instead")] = None,
 ) -> None:
     """Run SQL against the release catalog and print the result as a table.
 
     An s3:// release is read with the standard AWS environment variables (AWS_ENDPOINT_URL
     for a non-AWS endpoint)."""
     from tasks.catalog_query import NoCatalog, open_catalog
+    from tasks.frozen_release import FrozenReleaseError, open_frozen
     from tasks.publish import Release
 
+    location = Release(release)
     try:
-        with open_catalog(Release(release)) as con:
+        with open_catalog(location) if frozen is None else open_frozen(location, frozen) as con:
             try:
                 result = con.execute(sql)
             except duckdb.Error as err:
                 _fail(f"query failed: {str(err).splitlines()[0]}", 1)
             columns = [d[0] for d in result.description]
             rows = result.fetchall()
-    except NoCatalog as err:
+    except (NoCatalog, FrozenReleaseError) as err:
         _fail(str(err), 2)
     print_table(columns, rows)
 
@@ -350,6 +354,119 @@ def verify(
                      "the sources' identifiers)"), highlight=False)
     if findings:
         raise typer.Exit(1)
+
+
+release_app = typer.Typer(no_args_is_help=True,
+                          help="Frozen releases: immutable, checksummed cuts of the catalog.")
+app.add_typer(release_app, name="release")
+
+
+@release_app.command("create")
+def release_create(
+    release: Annotated[str, typer.Argument(help="release folder or URL (s3://bucket/prefix)")],
+    name: Annotated[str, typer.Argument(help="name of the new frozen release")],
+    where: Annotated[str | None, typer.Option(
+        help="SQL predicate over the `selection` columns (studies with their patient)")] = None,
+    description: Annotated[str | None, typer.Option(help="what the release is for")] = None,
+    requester: Annotated[str | None, typer.Option(help="who asks (default: the OS user)")] = (
+        None),
+) -> None:
+    """Freeze the COMPLETE batches' studies that --where keeps into releases/NAME/ and point
+    releases/current at it. An existing NAME is refused (exit 1)."""
+    from tasks.cohort import PredicateError
+    from tasks.frozen_release import FrozenReleaseError, create_release
+    from tasks.publish import Release
+
+    try:
+        frozen = create_release(Release(release), name, where, description, requester)
+    except PredicateError as err:
+        _fail(str(err), 2)
+    except FrozenReleaseError as err:
+        _fail(str(err), 1)
+    console.print(f"frozen release {frozen.name}: {frozen.patients} patients, {frozen.studies} "
+                  f"studies, {frozen.files} files ({frozen.bytes} bytes), checksum "
+                  f"sha256 {frozen.checksum}", highlight=False)
+
+
+@release_app.command("list")
+def release_list(
+    release: Annotated[str, typer.Argument(help="release folder or URL (s3://bucket/prefix)")],
+) -> None:
+    """List the frozen releases, oldest first, with their checksums and predicates."""
+    from tasks.frozen_release import list_releases
+    from tasks.publish import Release
+
+    rows = list_releases(Release(release))
+    columns = ["name", "created", "studies", "files", "checksum", "where"]
+    print_table(columns, [tuple(r[c] for c in columns) for r in rows])
+
+
+@release_app.command("verify")
+def release_verify(
+    release: Annotated[str, typer.Argument(help="release folder or URL (s3://bucket/prefix)")],
+    name: Annotated[str, typer.Argument(help="frozen release name, or current")],
+) -> None:
+    """Re-read a frozen release in full against its checksum and manifest; exit 1 on a
+    difference."""
+    from tasks.frozen_release import FrozenReleaseError, resolve, verify_release
+    from tasks.publish import Release
+
+    location = Release(release)
+    try:
+        name = resolve(location, name)
+    except FrozenReleaseError as err:
+        _fail(str(err), 2)
+    problems = verify_release(location, name)
+    for problem in problems:
+        console.print(problem, highlight=False, markup=False)
+    console.print(f"frozen release {name}: {len(problems)} problem(s)", highlight=False)
+    if problems:
+        raise typer.Exit(1)
+
+
+@app.command()
+def export(
+    release: Annotated[str, typer.Argument(help="release folder or URL (s3://bucket/prefix)")],
+    out: Annotated[Path, typer.Argument(help="new (or empty) folder to export into")],
+    frozen: Annotated[str, typer.Option(
+        "--release", help="frozen release to export from (a name, or current)")],
+    purpose: Annotated[str, typer.Option(help="purpose or approval id, for the audit record")],
+    where: Annotated[str, typer.Option(help="SQL predicate over the `selection` columns")] = (
+        "true"),
+    requester: Annotated[str | None, typer.Option(help="who asks (default: the OS user)")] = (
+        None),
+) -> None:
+    """Export the studies --where keeps from a frozen release (DICOM, or object URLs for an
+    S3 release, and catalog rows) and add the audit record to the release."""
+    from tasks.cohort import PredicateError
+    from tasks.export import export_cohort
+    from tasks.frozen_release import FrozenReleaseError, ReleaseNotFound
+    from tasks.publish import Release
+
+    try:
+        result = export_cohort(Release(release), frozen, where, purpose, out, requester)
+    except (PredicateError, ReleaseNotFound) as err:
+        _fail(str(err), 2)
+    except FrozenReleaseError as err:
+        _fail(str(err), 1)
+    console.print(f"exported {result.studies} studies, {result.files} files ({result.bytes} "
+                  f"bytes) from frozen release {result.release} into {out}; checksum sha256 "
+                  f"{result.checksum}; audit record {result.record_id}", highlight=False)
+
+
+@app.command()
+def report(
+    release: Annotated[str, typer.Argument(help="release folder or URL (s3://bucket/prefix)")],
+) -> None:
+    """Write the release report (reports/index.html): descriptive tables by site, plots, links
+    to the contact sheets; one static page, viewable offline."""
+    from tasks.publish import Release
+    from tasks.report import write_report
+
+    location = Release(release)
+    if not location.complete_batches():
+        _fail(f"no COMPLETE batch in {release}: nothing to report", 2)
+    console.print(f"report: {location.url}/{write_report(location)}", highlight=False)
 
 
 def print_table(columns: list[str], rows: list[tuple]) -> None:

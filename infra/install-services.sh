@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Install the services the tests start themselves on 127.0.0.1: Debian's Orthanc with its
 # DICOMweb plugin, as the PACS (infra/orthanc.py runs it). gcc builds its loopback shim.
+# Debian's chromium renders the release report headless (tests/test_report.py).
 # Idempotent: does nothing when they are already installed. `make test` runs it.
 set -euo pipefail
 if command -v Orthanc >/dev/null 2>&1 && command -v gcc >/dev/null 2>&1 \
-    && [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; then
+    && [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] \
+    && command -v chromium >/dev/null 2>&1; then
   exit 0
 fi
 SUDO=
@@ -38,9 +40,9 @@ apt_get() {
     sleep 5
   done
 }
-echo "infra/install-services.sh: installing orthanc and orthanc-dicomweb (apt-get)" >&2
+echo "infra/install-services.sh: installing orthanc, orthanc-dicomweb and chromium (apt-get)" >&2
 apt_get update -qq
-apt_get install -y -qq --no-install-recommends orthanc orthanc-dicomweb gcc libc6-dev
+apt_get install -y -qq --no-install-recommends orthanc orthanc-dicomweb gcc libc6-dev chromium
 if command -v service >/dev/null 2>&1; then
   $SUDO service orthanc stop >/dev/null 2>&1 || true
 fi

@@ -22,19 +22,21 @@ class NoCatalog(LookupError):
 
 
 @contextmanager
-def open_catalog(release: Release) -> Iterator[duckdb.DuckDBPyConnection]:
-    """A read-only connection to the release's catalog views."""
-    if not release.fs.exists(release.path(CATALOG_DB)):
-        raise NoCatalog(f"no catalog at {release.url}/{CATALOG_DB}: has a batch been "
+def open_catalog(release: Release,
+                 database: str = CATALOG_DB) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A read-only connection to the release's catalog views (or to the views file at
+    ``database``, relative to the release, e.g. a frozen release's)."""
+    if not release.fs.exists(release.path(database)):
+        raise NoCatalog(f"no catalog at {release.url}/{database}: has a batch been "
                         "published there?")
     if release.local:
-        with duckdb.connect(release.path(CATALOG_DB), read_only=True) as con:
+        with duckdb.connect(release.path(database), read_only=True) as con:
             con.execute(CACHE_PARQUET_FOOTERS)
             yield con
         return
     with tempfile.TemporaryDirectory(prefix="radrepo-catalog-") as folder:
         copy = Path(folder) / CATALOG_DB
-        release.fs.get_file(release.path(CATALOG_DB), str(copy))
+        release.fs.get_file(release.path(database), str(copy))
         with duckdb.connect(str(copy), read_only=True) as con:
             con.execute(CACHE_PARQUET_FOOTERS)
             enable_remote_reads(con, release.storage_options)

@@ -121,3 +121,13 @@ class PacsFixture:
     storage_port: int
     source: Path  # the files loaded into it
     uploaded: dict[str, str]  # source key -> Orthanc's status for that file
+
+
+@pytest.fixture(scope="session")
+def published_release(prefect_server, make_config, tmp_path_factory) -> Path:
+    """The session corpus published once by the nightly flow; copy it before changing it."""
+    from flows.nightly import nightly
+
+    base = tmp_path_factory.mktemp("published")
+    nightly(make_config(base / "release", base / "work"))
+    return base / "release"
