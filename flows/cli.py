@@ -109,13 +109,14 @@ def _data_errors() -> tuple[type[Exception], ...]:
 
 
 def _fail_run(err: Exception, log: RunLog | None) -> None:
-    """End a failed run with one line (a data error's first line, else only the error's
-    kind); the traceback goes to the run's log file in the work folder, never the console."""
+    """End a failed run with one ``radrepo:`` line (a data error's message, whose further
+    lines list places such as gate findings; for any other error only its kind); the
+    traceback goes to the run's log file in the work folder, never the console."""
     if isinstance(err, _data_errors()):
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        first, *places = str(err).splitlines() or [type(err).__name__]
     else:
-        message = f"the run stopped on an unexpected {type(err).__name__}"
-    _fail(log.failure(err, message) if log else message, 1)
+        first, places = f"the run stopped on an unexpected {type(err).__name__}", []
+    _fail("\n".join([log.failure(err, first) if log else first, *places]), 1)
 
 
 def _check_key(config: RadrepoConfig, rekey: bool) -> None:

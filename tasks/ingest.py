@@ -4,7 +4,8 @@ File sources are fsspec URLs (local folders by default). Zip archives are read m
 and staged under the work folder by an opaque object id, never by their (identifying) names.
 PACS sources (DIMSE, DICOMweb) are asked for studies, and each new study is retrieved whole
 into the staging folder. Every object ends up in the source index as ``ok`` or
-``quarantined`` with one clear reason.
+``quarantined`` with one clear reason, entries that are no readable regular file included
+(discovery never opens one, nor follows a symlink out of the source).
 """
 
 from __future__ import annotations
@@ -316,6 +317,7 @@ class BatchNames:
         return self._matcher.in_text(text)
 
     def opaque(self, name: str) -> str:
+        """``batch-`` and 12 hex digits of the salted HMAC of ``name``."""
         self.changed |= not self.path.exists()  # the salt must be kept once it named a batch
         return "batch-" + hmac.new(bytes.fromhex(self.salt), name.encode(),
                                    hashlib.sha256).hexdigest()[:12]
@@ -339,6 +341,7 @@ class BatchNames:
         return chosen
 
     def loose_id(self, objects: list[SourceObject]) -> str:
+        """The id of the batch of files beside the batch folders, by their names and sizes."""
         listing = "".join(f"{o.key}\t{o.size}\n" for o in objects)
         return "loose-" + self.opaque(listing).removeprefix("batch-")
 
@@ -354,11 +357,13 @@ class BatchNames:
         return False
 
     def mark_published(self, batch_id: str) -> None:
+        """Pin the folder behind a published ``batch_id`` to it for good."""
         for entry in self.folders.values():
             if entry["batch_id"] == batch_id and not entry["published"]:
                 entry["published"] = self.changed = True
 
     def save(self) -> None:
+        """Write the record (atomically) if anything was decided."""
         if not self.changed:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
