@@ -29,9 +29,9 @@ from tasks.deidentify.profile import BASIC_PROFILE_CODE, OPTIONS, Profile
 from tasks.deidentify.rewrite import (
     MalformedDataset,
     dataset_start,
-    decoded_text,
     elements,
     read_charset,
+    text_readings,
 )
 from tasks.deidentify.study import explicit_little_endian
 from tasks.deidentify.text import IdentifierMatcher
@@ -126,10 +126,10 @@ def _scanned(buf: memoryview, raws, encodings: list[str], matcher: IdentifierMat
         value = bytes(buf[r.value_start:r.value_end])
         if vr in TEXT_VRS:
             try:
-                text = decoded_text(value, tuple(charset), vr)
+                readings = text_readings(value, tuple(charset), vr)
             except (LookupError, ValueError):
-                text = value.decode("latin-1")
-            if text.strip() not in CONSTANT_VALUES and matcher.in_text(text):
+                readings = (value.decode("latin-1"),)
+            if any(t.strip() not in CONSTANT_VALUES and matcher.in_text(t) for t in readings):
                 yield r
         elif vr in OPAQUE_VRS and matcher.in_bytes(value):
             yield r

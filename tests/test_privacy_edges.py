@@ -210,6 +210,18 @@ def test_names_in_any_character_set_and_of_any_length_are_cleaned(tmp_path, char
                  {"StudyDescription", "SeriesDescription", "Manufacturer", "TextValue"})
 
 
+def test_a_value_written_in_another_character_set_is_judged_as_written(tmp_path):
+    ds = base(name="MÜLLER^JÖRG")  # the file says UTF-8 ...
+    ds.add(DataElement(0x00180015, "CS", "CHEST"))
+    raw = write(ds, tmp_path / "in.dcm")
+    data = raw.read_bytes().replace(b"CS\x06\x00CHEST ", b"CS\x06\x00M\xdcLLER")
+    raw.write_bytes(data)  # ... but Body Part Examined holds the name in Latin-1
+    [row], matcher = deidentify(tmp_path, [raw])
+    assert pydicom.dcmread(row["output_path"]).BodyPartExamined == ""
+    assert b"M\xdcLLER" not in Path(row["output_path"]).read_bytes()
+    assert_clean(row, ["MÜLLER"], raw, matcher, {"BodyPartExamined"})
+
+
 # --- class 3: a name only inside a sequence item ---------------------------------------
 
 def test_identifiers_only_in_nested_items_are_collected(tmp_path):

@@ -256,8 +256,9 @@ class Rewriter:
         if action == "K":
             if vr == b"UI":
                 return self._new(r, nested, self._uids(value, keep_standard=True))
-            if self.patient.matcher.in_text(decoded_text(value, tuple(self.encodings), vr)):
-                return self._new(r, nested, self._without_identifiers(vr, value))
+            for text in text_readings(value, tuple(self.encodings), vr):
+                if self.patient.matcher.in_text(text):
+                    return self._new(r, nested, self._without_identifiers(text))
             if not nested and tag in ROW_TAGS:
                 self.top[tag] = (vr, value)
             return (r.start, r.end)
@@ -321,7 +322,9 @@ class Rewriter:
             return "\\".join(shift_dt(v, self.patient.offset_days)
                               for v in _text(value).split("\\")).encode("ascii")
         if vr not in FREE_TEXT_BYTES and vr != b"UN":
-            return self._without_identifiers(vr, value)
+            readings = text_readings(value, tuple(self.encodings), vr)
+            return self._without_identifiers(next(
+                (t for t in readings if self.patient.matcher.in_text(t)), readings[0]))
         kept = []
         for part in decoded_text(value, tuple(self.encodings), vr).split("\\"):
             cleaned, removed = clean_free_text(part, self.patient.matcher)
@@ -329,10 +332,11 @@ class Rewriter:
             kept.append(cleaned)
         return self._encoded(kept)
 
-    def _without_identifiers(self, vr: bytes, value: bytes) -> bytes:
-        """A kept value with the words that belong to the file's identifiers removed."""
+    def _without_identifiers(self, text: str) -> bytes:
+        """A kept value (as text) with the words that belong to the file's identifiers
+        removed."""
         kept = []
-        for part in decoded_text(value, tuple(self.encodings), vr).split("\\"):
+        for part in text.split("\\"):
             cleaned, removed = remove_identifiers(part, self.patient.matcher)
             self.tokens_removed += removed
             kept.append(cleaned)
@@ -360,6 +364,17 @@ def decoded_text(value: bytes, encodings: tuple[str, ...], vr: bytes) -> str:
     """A text value decoded with the file's character sets (PN components kept apart)."""
     delimiters = NAME_DELIMITERS if vr == b"PN" else set()
     return decode_bytes(value, list(encodings), delimiters).rstrip("\0 ")
+
+
+@lru_cache(maxsize=16384)
+def text_readings(value: bytes, encodings: tuple[str, ...], vr: bytes) -> tuple[str, ...]:
+    """A text value as the file's character sets decode it and, when that fails, also as
+    Latin-1: writers put accented names in CS and other default-repertoire values, or ignore
+    Specific Character Set altogether, and such a value must be judged as they wrote it."""
+    text = decoded_text(value, encodings, vr)
+    if "\ufffd" in text:
+        return text, value.decode("latin-1").rstrip("\0 ")
+    return (text,)
 
 
 def _printable(value: bytes) -> bool:

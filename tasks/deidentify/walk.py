@@ -24,11 +24,11 @@ from tasks.deidentify.rewrite import (
     Raw,
     TruncatedDataset,
     dataset_start,
-    decoded_text,
     dictionary_vr,
     elements,
     items_of,
     read_charset,
+    text_readings,
 )
 from tasks.deidentify.text import birth_date_forms
 
@@ -84,11 +84,6 @@ def walk(buf: memoryview, raws: list[Raw], encodings: list[str], nested: bool = 
             yield r, vr, encodings, nested
 
 
-def text_of(buf: memoryview, r: Raw, vr: bytes, encodings: list[str]) -> str:
-    """A text element's value decoded with the file's character sets."""
-    return decoded_text(bytes(buf[r.value_start:r.value_end]), tuple(encodings), vr)
-
-
 @lru_cache(maxsize=4096)
 def _name_parts(name: str) -> frozenset[str]:
     out = {name}
@@ -112,10 +107,10 @@ def collect_identifiers(buf: memoryview, raws: list[Raw], encodings: list[str],
                                                  or r.tag == BIRTH_DATE):
             continue
         try:
-            text = text_of(buf, r, vr, charset)
+            readings = text_readings(bytes(buf[r.value_start:r.value_end]), tuple(charset), vr)
         except (LookupError, ValueError):
             continue
-        for value in text.split("\\"):
+        for value in (v for text in readings for v in text.split("\\")):
             value = value.strip()
             if not value:
                 continue
