@@ -143,6 +143,14 @@ def _sha256_file(path: str) -> str:
 
 def _freeze_file(release: Release, source: str, target: str, size: int, sha256: str) -> None:
     """Give the release its own copy of one file: a hard link, else a copy; S3: server-side."""
+    try:
+        _place_frozen(release, source, target, size, sha256)
+    except FileNotFoundError:
+        raise FrozenReleaseError(f"{source} was removed while it was being frozen (a "
+                                 "republication?): run again") from None
+
+
+def _place_frozen(release: Release, source: str, target: str, size: int, sha256: str) -> None:
     src, dst = release.path(source), release.path(target)
     if release.local:
         if not os.path.exists(dst):
