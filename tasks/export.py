@@ -27,6 +27,7 @@ from tasks.frozen_release import (
     read_manifest,
     release_dir,
     resolve,
+    summed_problems,
     sums_text,
 )
 from tasks.publish import Release, table_bytes
@@ -79,6 +80,10 @@ def export_cohort(release: Release, name: str, where: str, purpose: str, out: Pa
     if not purpose.strip():
         raise ExportError("an export needs a purpose or approval id")
     name = resolve(release, name)
+    problems = summed_problems(release, name)
+    if problems:
+        raise ExportError(f"frozen release {name} does not match its checksum ({problems[0]}): "
+                          "nothing exported")
     with frozen_connection(release, name) as con:
         study_uids = select_studies(selection_table(con), where)
         if not study_uids:

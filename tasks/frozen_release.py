@@ -143,6 +143,14 @@ def _sha256_file(path: str) -> str:
 
 def _freeze_file(release: Release, source: str, target: str, size: int, sha256: str) -> None:
     """Give the release its own copy of one file: a hard link, else a copy; S3: server-side."""
+    try:
+        _place_frozen(release, source, target, size, sha256)
+    except FileNotFoundError:
+        raise FrozenReleaseError(f"{source} was removed while it was being frozen (a "
+                                 "republication?): run again") from None
+
+
+def _place_frozen(release: Release, source: str, target: str, size: int, sha256: str) -> None:
     src, dst = release.path(source), release.path(target)
     if release.local:
         if not os.path.exists(dst):
@@ -281,9 +289,9 @@ def read_manifest(release: Release, name: str) -> pa.Table:
     return pq.read_table(io.BytesIO(data))
 
 
-def verify_release(release: Release, name: str) -> list[str]:
-    """Problems found re-reading a frozen release: the checksum over SHA256SUMS, each summed
-    file, and every DICOM file against the manifest (files are read in full)."""
+def summed_problems(release: Release, name: str) -> list[str]:
+    """Problems of a frozen release's checksum, SHA256SUMS, manifest, selection and snapshot
+    (small files: cheap enough to check before every export)."""
     base = release_dir(name)
     problems = []
     sums = release.read_bytes(f"{base}/{SUMS_FILE}") or b""
@@ -294,6 +302,14 @@ def verify_release(release: Release, name: str) -> list[str]:
         data = release.read_bytes(f"{base}/{relative}")
         if data is None or hashlib.sha256(data).hexdigest() != digest:
             problems.append(f"{relative}: missing or changed")
+    return problems
+
+
+def verify_release(release: Release, name: str) -> list[str]:
+    """Problems found re-reading a frozen release: the checksum over SHA256SUMS, each summed
+    file, and every DICOM file against the manifest (files are read in full)."""
+    base = release_dir(name)
+    problems = summed_problems(release, name)
     for row in read_manifest(release, name).to_pylist():
         data = release.read_bytes(f"{base}/{row['path']}")
         if data is None or hashlib.sha256(data).hexdigest() != row["sha256"]:

@@ -113,6 +113,11 @@ def test_export_is_refused_without_a_frozen_release_or_into_a_used_folder(releas
     empty = cli("export", release, tmp_path / "out", "--release", "v1", "--purpose", "x",
                 "--where", "false")
     assert empty.exit_code == 1 and "keeps no study" in empty.output
+    snapshot = release / "releases" / "v1" / "catalog" / "patients.parquet"
+    snapshot.write_bytes(snapshot.read_bytes() + b"\0")  # a snapshot changed after freezing
+    changed = cli("export", release, tmp_path / "out", "--release", "v1", "--purpose", "x")
+    assert changed.exit_code == 1
+    assert "catalog/patients.parquet: missing or changed" in changed.output
     assert sorted(p.name for p in audit_dir.iterdir()) == records  # nothing was recorded
 
 

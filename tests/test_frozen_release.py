@@ -253,3 +253,12 @@ def test_every_catalog_table_has_a_rule_cutting_it_down_to_studies():
     from tasks.cohort import FILTERS
 
     assert set(FILTERS) == set(TABLES)
+
+
+def test_a_file_removed_before_it_is_frozen_stops_the_creation(release):
+    [(path,)] = live(release, "SELECT min(path) FROM instances")
+    (release / path).unlink()  # as a republication removing the old version would
+    result = cli("release", "create", release, "v1")
+    assert result.exit_code == 1
+    assert f"{path} was removed while it was being frozen" in result.output
+    assert not (release / "releases" / "v1" / "CHECKSUM").exists()
