@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from flows.cluster import local_cluster  # noqa: E402
 from tasks.kill_point import POINTS  # noqa: E402
+from tasks.publish import Release  # noqa: E402
 from tasks.synth import synthesize  # noqa: E402
 from tests.conftest import TEST_SECRET  # noqa: E402
 from tests.test_recovery import (  # noqa: E402
@@ -95,6 +97,12 @@ def check(folder: Path, release: dict, work: dict | None) -> str:
     return "; ".join(problems) or "ok"
 
 
+def versions(folder: Path) -> dict[tuple[str, str], str]:
+    """The manifest each COMPLETE batch of a release names (its current version)."""
+    release = Release(str(folder / "release"))
+    return {b: release.current_version(*b).manifest for b in release.complete_batches()}
+
+
 def save(results: dict) -> None:
     out = ROOT / "bench" / "out"
     out.mkdir(exist_ok=True)
@@ -107,6 +115,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--max-offset", type=float, default=8.0)
+    parser.add_argument("--parts", default="concurrent,republish,kills",
+                        help="comma-separated: concurrent, republish, kills")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     scratch = Path(tempfile.mkdtemp(prefix="radrepo-recovery-"))
@@ -129,7 +139,8 @@ def main() -> None:
             clean_release, clean_work = release_state(clean / "release"), work_state(
                 clean / "work")
 
-            for trial in range(args.trials):
+            parts = set(args.parts.split(","))
+            for trial in range(args.trials if "concurrent" in parts else 0):
                 folder = scratch / f"concurrent-{trial}"
                 config = write_config(folder, sources, scheduler)
                 offset = rng.uniform(0, args.max_offset)
@@ -160,26 +171,27 @@ def main() -> None:
             assert radrepo(env, "run", str(write_config(reference, sources, scheduler,
                                                         **CHANGED)), "--force").returncode == 0
             republished = release_state(reference / "release")
-            old_fingerprint = clean_release["catalog.duckdb"]
-            for point in REPUBLISH_POINTS:
+            old_versions, new_versions = versions(clean), versions(reference)
+            for point in REPUBLISH_POINTS if "republish" in parts else []:
                 folder = scratch / f"force-{point.replace(':', '-')}"
                 shutil.copytree(clean, folder, ignore=shutil.ignore_patterns("radrepo.yaml"))
                 config = write_config(folder, sources, scheduler, **CHANGED)
                 killed = radrepo(env, "run", str(config), "--force", kill_at=point).returncode
                 whole = check(folder, release_state(folder / "release"), None)
-                seen = release_state(folder / "release")["catalog.duckdb"]
-                version = "old" if seen == old_fingerprint else (
-                    "new" if seen == republished["catalog.duckdb"] else "other")
+                seen = Counter(
+                    {old_versions.get(b): "old", new_versions.get(b): "new"}.get(m, "neither")
+                    for b, m in versions(folder).items())
+                version = ", ".join(f"{n} {v}" for v, n in sorted(seen.items()))
                 rerun = radrepo(env, "run", str(config)).returncode
                 outcome = check(folder, republished, None)
                 results["republish_kills"].append({
-                    "point": point, "killed_rc": killed, "readers_saw": version,
+                    "point": point, "killed_rc": killed, "batch_versions": version,
                     "readable_after_kill": whole, "rerun_rc": rerun, "outcome": outcome})
-                print(f"--force kill at {point:16} readers saw {version} ({whole}); rerun rc "
+                print(f"--force kill at {point:16} batches: {version} ({whole}); rerun rc "
                       f"{rerun}  {outcome}", flush=True)
                 save(results)
 
-            for point in FIRST_RUN_POINTS + EXTRA_FIRST_RUN:
+            for point in FIRST_RUN_POINTS + EXTRA_FIRST_RUN if "kills" in parts else []:
                 folder = scratch / f"kill-{point.replace(':', '-').replace('#', '-')}"
                 config = write_config(folder, sources, scheduler)
                 killed = radrepo(env, "run", str(config), kill_at=point).returncode

@@ -145,7 +145,7 @@ def clean_run(tmp_path_factory, sources, child_env, dask_scheduler):
 # kill points of a first run (``#n``: the n-th batch to reach it; site-a has three batches,
 # site-b one, so #4 is after the last COMPLETE); the remaining points run in
 # bench/recovery_trials.py
-KILLS = ["publish:files", "publish:complete#4", "after:catalog#2"]
+KILLS = ["publish:files", "publish:complete#4"]  # after:catalog#2: in the rekey test
 
 
 @pytest.mark.parametrize("kill_at", KILLS)
