@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -18,6 +18,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from tasks.deidentify.profile import load_profile
+from tasks.deidentify.text import vocabulary
 from tests.test_deidentify import KEYS, OPTIONS, run_study
 
 BIRTH = "19600214"
@@ -187,6 +188,9 @@ def test_random_phi_in_random_places_never_leaks(tmp_path, name, mrn, places, wh
     family, given_name = name
     phi = {"family": family, "given": given_name, "mrn": str(mrn),
            "full": f"{given_name} {family}"}[which]
+    # a name part that is an imaging word (CHEST, HEAD) is matched only as the whole name
+    # (schemas/vocabulary.yaml): text keeps the word, as it keeps it for everyone else
+    assume(not any(vocabulary().is_word(p.casefold()) for p in (family, given_name)))
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 192"
     ds.SOPClassUID = CTImageStorage

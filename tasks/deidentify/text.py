@@ -109,7 +109,9 @@ def vocabulary() -> Vocabulary:
     found: set[str] = set()
     for entries in data["words"].values():
         for entry in entries:
-            found.update(w.casefold() for _, w in words(str(entry)))
+            if not isinstance(entry, str):
+                raise ValueError(f"vocabulary.yaml: {entry!r} is not a string (quote it)")
+            found.update(w.casefold() for _, w in words(entry))
     pattern = "|".join(f"(?:{p})" for p in data["patterns"])
     return Vocabulary(frozenset(found), re.compile(pattern))
 
