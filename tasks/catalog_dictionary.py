@@ -47,8 +47,10 @@ def dictionary_markdown(con: duckdb.DuckDBPyConnection) -> str:
     lines = ["# The radrepo catalog: data dictionary", "",
              "Generated from `schemas/catalog.py` each time `catalog.duckdb` is rebuilt; the "
              "same text is in the database (`SELECT * FROM dictionary`, or DuckDB's "
-             "`duckdb_columns()` comments). Tables are Parquet under `catalog/<table>/site_id=…/"
-             "batch_id=…/`; the other names are views over them.", ""]
+             "`duckdb_columns()` comments). Each catalog table is Parquet under "
+             "`catalog/<table>/site_id=…/batch_id=…/` with a view of the same name; "
+             f"{', '.join(['batches', *cat.VIEWS])} are views derived from them; "
+             f"{cat.CATALOG_INFO[0]} is a table of the database.", ""]
     for table, column, type_, description in rows:
         if column is None:
             lines += ["", f"## {table}", "", description or "", "",
