@@ -303,6 +303,47 @@ def verify(
         raise typer.Exit(1)
 
 
+@app.command()
+def push(
+    config: Annotated[Path, typer.Argument(help="consortium YAML")],
+    to: Annotated[str, typer.Option("--to", help="a research PACS named under research_pacs")],
+) -> None:
+    """Send the release's complete batches to a research PACS, resuming from its push ledger,
+    then check each study's instance count there. Exit 1 if anything is missing."""
+    from tasks.pacs import PacsUnavailable
+    from tasks.pacs.push import PushError, PushLedger, ledger_path, push_release
+    from tasks.publish import Release
+
+    try:
+        cfg = load_config(config)
+    except ConfigError as err:
+        _fail(str(err), 2)
+    if to not in cfg.research_pacs:
+        _fail(f"research_pacs: no research PACS named {to!r}", 2)
+    try:
+        ledger = PushLedger(ledger_path(cfg.work_dir, to))
+    except PushError as err:
+        _fail(str(err), 2)
+    try:
+        result = push_release(Release(cfg.release, cfg.release_storage_options),
+                              cfg.research_pacs[to], ledger)
+    except (PacsUnavailable, PushError) as err:
+        _fail(str(err), 1)
+    finally:
+        ledger.close()
+    console.print(f"{result.planned} instances in complete batches: {result.sent} sent, "
+                  f"{result.already_sent} already there (push ledger), "
+                  f"{sum(result.failed.values())} refused; {result.studies_verified} studies "
+                  f"verified, {len(result.short_studies)} short", highlight=False)
+    for reason, n in sorted(result.failed.items()):
+        console.print(f"  {n} refused: {reason}", highlight=False, markup=False)
+    for uid, (want, got) in result.short_studies.items():
+        console.print(f"  study {uid}: {want} sent, the PACS holds {got} (will be resent)",
+                      highlight=False, markup=False)
+    if not result.ok:
+        raise typer.Exit(1)
+
+
 def print_table(columns: list[str], rows: list[tuple]) -> None:
     table = Table(*columns)
     for row in rows:
