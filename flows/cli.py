@@ -1,4 +1,4 @@
-"""The ``radrepo`` command line: synth, run, query and demo."""
+"""The ``radrepo`` command line: synth, run, query, push, labels and demo."""
 
 from __future__ import annotations
 
@@ -342,6 +342,112 @@ def push(
                       highlight=False, markup=False)
     if not result.ok:
         raise typer.Exit(1)
+
+
+labels_app = typer.Typer(no_args_is_help=True,
+                         help="The labelling loop: FHIR form, labels back in, agreement.")
+app.add_typer(labels_app, name="labels")
+SchemaOption = Annotated[Path | None, typer.Option(
+    "--schema", help="label schema YAML (default: RICORD's, schemas/label_schema.yaml)")]
+
+
+def _label_schema(path: Path | None):
+    from schemas.label_schema import DEFAULT_LABEL_SCHEMA, load_label_schema
+
+    try:
+        return load_label_schema(path or DEFAULT_LABEL_SCHEMA)
+    except ConfigError as err:
+        _fail(str(err), 2)
+
+
+@labels_app.command("form")
+def labels_form(
+    release: Annotated[str, typer.Argument(help="release folder or URL")],
+    out: Annotated[Path, typer.Option(help="folder for questionnaire.json and responses/")],
+    schema: SchemaOption = None,
+) -> None:
+    """Write the FHIR R4 Questionnaire and one pre-filled QuestionnaireResponse per study."""
+    from tasks.catalog_query import NoCatalog, open_catalog
+    from tasks.labels.form import write_form
+    from tasks.publish import Release
+
+    form_schema = _label_schema(schema)
+    try:
+        with open_catalog(Release(release)) as con:
+            n = write_form(con, form_schema, out)
+    except NoCatalog as err:
+        _fail(str(err), 2)
+    console.print(f"wrote {out / 'questionnaire.json'} and {n} pre-filled responses in "
+                  f"{out / 'responses'}", highlight=False)
+
+
+@labels_app.command("import")
+def labels_import(
+    config: Annotated[Path, typer.Argument(help="consortium YAML")],
+    inputs: Annotated[list[Path], typer.Argument(
+        help="QuestionnaireResponse JSON or Bundle files, CSV exports, DICOM SEG files, "
+             "or folders of them")],
+    schema: SchemaOption = None,
+) -> None:
+    """Check completed labels and segmentations against the form and the catalog and append
+    them to the release. Exit 1 if anything was rejected (the rest is imported)."""
+    from flows.secret import keys_from_env
+    from tasks.catalog_query import NoCatalog, open_catalog
+    from tasks.labels.importer import LabelChecker, published_studies
+    from tasks.labels.intake import import_inputs
+    from tasks.publish import Release, refresh_catalog_db
+    from tasks.verify import read_identifiers
+
+    form_schema = _label_schema(schema)
+    try:
+        cfg = load_config(config)
+        keys = keys_from_env(cfg.secret_env)
+    except (ConfigError, SecretError) as err:
+        _fail(str(err), 2)
+    missing = [str(p) for p in inputs if not p.exists()]
+    if missing:
+        _fail(f"no such input: {missing[0]}", 2)
+    lists = sorted(Path(cfg.work_dir).glob("*/index/*.identifiers.parquet"))
+    identifiers = read_identifiers(lists) if lists else None
+    location = Release(cfg.release, cfg.release_storage_options)
+    try:
+        with open_catalog(location) as con:
+            checker = LabelChecker(form_schema, published_studies(con), keys, identifiers)
+            result = import_inputs(location, con, checker, inputs)
+    except NoCatalog as err:
+        _fail(str(err), 2)
+    refresh_catalog_db(location, cfg.work_dir)
+    console.print(f"{result.labels} labels imported, {result.already_imported} already there, "
+                  f"{result.segmentations} segmentations published, {len(result.rejected)} "
+                  "rejected", highlight=False)
+    for rejection in result.rejected:
+        console.print(f"  rejected: {rejection}", highlight=False, markup=False)
+    if result.rejected:
+        raise typer.Exit(1)
+
+
+@labels_app.command("agreement")
+def labels_agreement(
+    release: Annotated[str, typer.Argument(help="release folder or URL")],
+    schema: SchemaOption = None,
+) -> None:
+    """Readers' agreement per site and item (Fleiss' kappa), also written to
+    reports/labels/agreement.csv in the release."""
+    from tasks.catalog_query import NoCatalog, open_catalog
+    from tasks.labels.agreement import agreement_csv, agreement_table
+    from tasks.publish import Release
+
+    form_schema = _label_schema(schema)
+    location = Release(release)
+    try:
+        with open_catalog(location) as con:
+            table = agreement_table(con, form_schema)
+    except NoCatalog as err:
+        _fail(str(err), 2)
+    location.write_bytes("reports/labels/agreement.csv", agreement_csv(table))
+    print_table(table.column_names, [tuple(f"{v:.4f}" if isinstance(v, float) else v
+                                           for v in r.values()) for r in table.to_pylist()])
+    console.print(f"written to {location.url}/reports/labels/agreement.csv", highlight=False)
 
 
 def print_table(columns: list[str], rows: list[tuple]) -> None:

@@ -20,11 +20,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from schemas.catalog import MANIFEST, PARTITION_COLUMNS, TABLES
+from schemas.catalog import APPENDED_TABLES, MANIFEST, PARTITION_COLUMNS, TABLES
 from tasks.duckdb_remote import enable_remote_reads
 
 COMPLETE = "COMPLETE"
 CATALOG_DB = "catalog.duckdb"
+LABEL_VIEWS_SQL = Path(__file__).resolve().parents[1] / "schemas" / "label_views.sql"
 
 
 @dataclass(frozen=True)
@@ -201,11 +202,12 @@ def read_published(release: Release, table: str, site_id: str, exclude_batch: st
     return pa.concat_tables(parts).cast(schema) if parts else schema.empty_table()
 
 
-def _view_sql(table: str, files: list[str]) -> str:
+def _view_sql(table: str, files: list[str], schema: pa.Schema | None = None) -> str:
     if not files:
         columns = ", ".join(
             [f"CAST(NULL AS VARCHAR) AS {c}" for c in PARTITION_COLUMNS]
-            + [f"CAST(NULL AS {_duck_type(f.type)}) AS {f.name}" for f in TABLES[table]]
+            + [f"CAST(NULL AS {_duck_type(f.type)}) AS {f.name}"
+               for f in (schema or TABLES[table])]
         )
         return f"CREATE VIEW {table} AS SELECT {columns} WHERE false"
     listing = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
@@ -251,6 +253,11 @@ def catalog_view_statements(release: Release) -> list[str]:
             patterns = [release.uri(relative) for site, batch in batches
                         for relative in release.catalog_files(table, site, batch)]
         statements.append(_view_sql(table, patterns))
+    for table, schema in APPENDED_TABLES.items():  # labels and segmentations
+        patterns = [release.uri(relative) for site, batch in batches
+                    for relative in release.catalog_files(table, site, batch)]
+        statements.append(_view_sql(table, patterns, schema))
+    statements += [s.strip() for s in LABEL_VIEWS_SQL.read_text().split(";") if s.strip()]
     rows = ", ".join(f"('{s}', '{b}')" for s, b in batches) or "(NULL, NULL)"
     statements.append(
         f"CREATE VIEW batches AS SELECT * FROM (VALUES {rows}) AS t(site_id, batch_id) "
