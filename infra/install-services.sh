@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Install the services the tests start themselves on 127.0.0.1: Debian's Orthanc with its
 # DICOMweb plugin, as the PACS (infra/orthanc.py runs it). gcc builds its loopback shim.
+# DCMTK's storescu is the peer bench/push.py measures radrepo's push against.
 # Idempotent: does nothing when they are already installed. `make test` runs it.
 set -euo pipefail
 if command -v Orthanc >/dev/null 2>&1 && command -v gcc >/dev/null 2>&1 \
+    && command -v storescu >/dev/null 2>&1 \
     && [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; then
   exit 0
 fi
@@ -20,9 +22,9 @@ if [ ! -e "$POLICY" ]; then
   $SUDO chmod +x "$POLICY"
   trap '$SUDO rm -f "$POLICY"' EXIT
 fi
-echo "infra/install-services.sh: installing orthanc and orthanc-dicomweb (apt-get)" >&2
+echo "infra/install-services.sh: installing orthanc, orthanc-dicomweb and dcmtk (apt-get)" >&2
 $SUDO apt-get update -qq
-$SUDO apt-get install -y -qq --no-install-recommends orthanc orthanc-dicomweb gcc libc6-dev >/dev/null
+$SUDO apt-get install -y -qq --no-install-recommends orthanc orthanc-dicomweb gcc libc6-dev dcmtk >/dev/null
 if command -v service >/dev/null 2>&1; then
   $SUDO service orthanc stop >/dev/null 2>&1 || true
 fi

@@ -11,7 +11,9 @@ import numpy as np
 import pyarrow as pa
 from statsmodels.stats.inter_rater import fleiss_kappa
 
-from schemas.label_schema import LabelSchema
+from schemas.label_schema import LabelSchema, load_label_schema
+from tasks.catalog_query import open_catalog
+from tasks.publish import Release
 
 AGREEMENT = pa.schema([
     ("site_id", pa.string()),  # the site whose studies were read
@@ -54,6 +56,13 @@ def agreement_table(con: duckdb.DuckDBPyConnection, schema: LabelSchema) -> pa.T
                     "observed_agreement": observed,
                     "kappa": None if math.isnan(kappa) or math.isinf(kappa) else kappa})
     return pa.Table.from_pylist(out, schema=AGREEMENT)
+
+
+def release_agreement(release: Release, schema: LabelSchema | None = None) -> pa.Table:
+    """The agreement table of a release's catalog (for its reports), by the default schema
+    unless another is given."""
+    with open_catalog(release) as con:
+        return agreement_table(con, schema or load_label_schema())
 
 
 def agreement_csv(table: pa.Table) -> bytes:
