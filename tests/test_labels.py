@@ -231,6 +231,7 @@ def test_bad_labels_are_refused_by_name_without_their_value(release, corpus, tmp
     by_uid = copy.deepcopy(unknown)
     by_uid["subject"]["identifier"]["value"] = f"urn:oid:{original_uid}"
     write("e-original-uid.json", by_uid)
+    (inputs / "g-not-filled.json").write_text((form / "responses" / f"{other}.json").read_text())
     (inputs / "f.csv").write_text("study,reader,label,value\n"
                                   f"{other},dr-eve,appearance,negative\n"
                                   f"{other},dr-eve,appearance,covid-ish\n"
@@ -240,7 +241,8 @@ def test_bad_labels_are_refused_by_name_without_their_value(release, corpus, tmp
     result = runner.invoke(app, ["labels", "import", str(config_path), str(inputs)])
     assert result.exit_code == 1
     out = result.output
-    assert "2 labels imported" in out and "7 rejected" in out
+    assert "2 labels imported" in out and "8 rejected" in out
+    assert "g-not-filled.json resource 0: status is 'in-progress', not completed" in out
     assert "b-unknown-study.json resource 0: subject: unknown study" in out
     assert ("c-wrong-code.json resource 0: answer to 'appearance' is not one of typical, "
             "indeterminate, atypical, negative") in out

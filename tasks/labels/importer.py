@@ -36,6 +36,8 @@ PSEUDONYM = re.compile(r"P[0-9A-F]{16}")
 PUBLISHED_UID = re.compile(r"2\.25\.[1-9][0-9]{0,38}")
 CSV_COLUMNS = ("study", "reader", "label", "value")
 DONE_STATUSES = ("completed", "amended")
+FHIR_STATUSES = ("in-progress", "completed", "amended", "entered-in-error", "stopped")
+ITEM_NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")
 
 
 class LabelRejected(ValueError):
@@ -83,6 +85,14 @@ class LabelChecker:
         self.keys = keys
         self.identifiers = identifiers
 
+    def shown(self, name: str) -> str:
+        """A name from the input, quoted only when it looks like an item name and is no
+        identifier seen at a source."""
+        if ITEM_NAME.fullmatch(name) and not (self.identifiers and
+                                              self.identifiers.in_text(name)):
+            return f"'{name}'"
+        return "an item (name not shown)"
+
     def study(self, value: str | None, what: str = "subject") -> tuple[str, PublishedStudy]:
         uid = (value or "").strip().removeprefix("urn:oid:")
         if not uid:
@@ -123,9 +133,7 @@ class LabelChecker:
         """(answer, kind) for one item; a choice must be a code of the schema's vocabulary."""
         item = self.schema.item(link_id)
         if item is None:
-            raise LabelRejected(f"'{link_id[:40]}' is not an item of the questionnaire"
-                                if re.fullmatch(r"[A-Za-z0-9_.-]{1,40}", link_id)
-                                else "an item that is not in the questionnaire")
+            raise LabelRejected(f"{self.shown(link_id)} is not an item of the questionnaire")
         if item.type == "choice":
             codes = [a.code for a in item.answers]
             if code not in codes or system not in (None, self.schema.answer_system):
@@ -182,7 +190,8 @@ def _response_rows(checker: LabelChecker, response: QuestionnaireResponse,
     if canonical[0] != schema.url or (len(canonical) > 1 and canonical[1] != schema.version):
         raise LabelRejected(f"answers another questionnaire, not {schema.url}|{schema.version}")
     if response.status not in DONE_STATUSES:
-        raise LabelRejected(f"status is {response.status!r}, not completed")
+        raise LabelRejected(f"status is {response.status!r}, not completed"
+                            if response.status in FHIR_STATUSES else "status is not completed")
     subject = None
     if response.subject is not None and response.subject.identifier is None:
         raise LabelRejected(f"subject is not an identifier of system {STUDY_SYSTEM}")
@@ -198,7 +207,7 @@ def _response_rows(checker: LabelChecker, response: QuestionnaireResponse,
     for item in response.item or []:
         given = list(item.answer or [])
         if len(given) > 1:
-            raise LabelRejected(f"item '{item.linkId[:40]}' has more than one answer")
+            raise LabelRejected(f"{checker.shown(item.linkId)} has more than one answer")
         if item.linkId in (schema.reader_item, schema.role_item, "patient_id", "study_uid"):
             if given:
                 coding = given[0].valueCoding

@@ -145,11 +145,13 @@ Sender = Callable[[list[PushItem]], tuple[list[PushItem], Counter]]
 
 
 def push_release(release: Release, target: ResearchPacsConfig, ledger: PushLedger,
-                 on_sent: Callable[[int], None] | None = None) -> PushResult:
+                 on_sent: Callable[[int], None] | None = None,
+                 plan: list[PushItem] | None = None) -> PushResult:
     """Send what the ledger does not hold, record each confirmed instance, then verify counts.
 
+    ``plan`` is every complete batch's files unless given (e.g. a frozen release's);
     ``on_sent`` is called with the number sent so far after each ledger commit."""
-    plan = push_plan(release)
+    plan = push_plan(release) if plan is None else plan
     done = ledger.sent()
     todo = [i for i in plan if (i.sop_uid, i.sha256) not in done]
     result = PushResult(planned=len(plan), already_sent=len(plan) - len(todo))
