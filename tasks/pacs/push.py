@@ -257,7 +257,7 @@ def _store_scu(target: DimseResearchPacs) -> Iterator[Callable]:
     def close() -> None:
         if state["assoc"] is not None and state["assoc"].is_established:
             state["assoc"].release()
-        state["assoc"] = None
+        state["assoc"], state["contexts"] = None, set()
 
     def associate(contexts: set[tuple[str, str]]):
         if state["assoc"] is not None and state["assoc"].is_established \
@@ -278,15 +278,21 @@ def _store_scu(target: DimseResearchPacs) -> Iterator[Callable]:
         return assoc
 
     def store(release: Release, chunk: list[PushItem]) -> tuple[list[PushItem], Counter]:
-        assoc = associate({(i.sop_class_uid, i.transfer_syntax) for i in chunk})
+        contexts = {(i.sop_class_uid, i.transfer_syntax) for i in chunk}
         stored, failed = [], Counter()
         for item in chunk:
             data = release.read_bytes(item.path)
             if data is None:
                 raise PushError(f"a file of batch {item.site_id}/{item.batch_id} is missing "
                                 "from the release")
-            status = assoc.send_c_store(dcmread(io.BytesIO(data)))
-            code = status.get("Status") if status else None
+            dataset = dcmread(io.BytesIO(data))
+            code = None
+            for _ in range(2):  # a lost association is opened again once for the same instance
+                status = associate(contexts).send_c_store(dataset)
+                code = status.get("Status") if status else None
+                if code is not None:
+                    break
+                close()
             if code in STORED:
                 stored.append(item)
             elif code is None:
