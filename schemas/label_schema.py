@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 from typing import Literal
 
@@ -10,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from schemas.config import ConfigError, describe_validation_error
 
-DEFAULT_LABEL_SCHEMA = Path(__file__).with_name("label_schema.yaml")
+DEFAULT_LABEL_SCHEMA = Path(str(resources.files("schemas").joinpath("label_schema.yaml")))
 
 
 class Strict(BaseModel):

@@ -12,6 +12,7 @@ import io
 import os
 import shutil
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import duckdb
@@ -25,7 +26,7 @@ from tasks.duckdb_remote import enable_remote_reads
 
 COMPLETE = "COMPLETE"
 CATALOG_DB = "catalog.duckdb"
-LABEL_VIEWS_SQL = Path(__file__).resolve().parents[1] / "schemas" / "label_views.sql"
+LABEL_VIEWS = "label_views.sql"  # in schemas/: the label_votes and label_consensus views
 
 
 @dataclass(frozen=True)
@@ -257,7 +258,8 @@ def catalog_view_statements(release: Release) -> list[str]:
         patterns = [release.uri(relative) for site, batch in batches
                     for relative in release.catalog_files(table, site, batch)]
         statements.append(_view_sql(table, patterns, schema))
-    statements += [s.strip() for s in LABEL_VIEWS_SQL.read_text().split(";") if s.strip()]
+    views = resources.files("schemas").joinpath(LABEL_VIEWS).read_text()
+    statements += [s.strip() for s in views.split(";") if s.strip()]
     rows = ", ".join(f"('{s}', '{b}')" for s, b in batches) or "(NULL, NULL)"
     statements.append(
         f"CREATE VIEW batches AS SELECT * FROM (VALUES {rows}) AS t(site_id, batch_id) "
