@@ -393,6 +393,7 @@ def labels_import(
     them to the release. Exit 1 if anything was rejected (the rest is imported)."""
     from flows.secret import keys_from_env
     from tasks.catalog_query import NoCatalog, open_catalog
+    from tasks.deidentify.profile import load_profile
     from tasks.labels.importer import LabelChecker, published_studies
     from tasks.labels.intake import import_inputs
     from tasks.publish import Release, refresh_catalog_db
@@ -413,7 +414,8 @@ def labels_import(
     try:
         with open_catalog(location) as con:
             checker = LabelChecker(form_schema, published_studies(con), keys, identifiers)
-            result = import_inputs(location, con, checker, inputs)
+            result = import_inputs(location, con, checker, load_profile(cfg.deid.options),
+                                   inputs)
     except NoCatalog as err:
         _fail(str(err), 2)
     refresh_catalog_db(location, cfg.work_dir)

@@ -273,12 +273,15 @@ def test_an_mrn_is_refused_even_without_the_work_folder(release, corpus):
     assert mrn not in str(err.value)
 
 
-def make_seg(release_dir: Path, series_uid: str | None = None):
+def make_seg(release_dir: Path, series_uid: str | None = None, conforming: bool = True):
     """A highdicom SEG over a published CT series' files (or, given ``series_uid``, over
-    copies that claim another series)."""
+    copies that claim another series). A conforming one is made as an annotation tool set up
+    for the release makes it: 2.25 UIDs and no device serial number; otherwise it keeps
+    highdicom's defaults."""
     import highdicom as hd
     import pydicom
     from pydicom.sr.codedict import codes
+    from pydicom.uid import generate_uid
 
     with catalog(release_dir) as con:
         series = con.execute("SELECT series_uid FROM series WHERE modality = 'CT' AND "
@@ -300,9 +303,18 @@ def make_seg(release_dir: Path, series_uid: str | None = None):
     seg = hd.seg.Segmentation(
         source_images=images, pixel_array=mask,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[description], series_instance_uid=hd.UID(), series_number=900,
-        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="radrepo-test",
-        manufacturer_model_name="annotator", software_versions="1", device_serial_number="1")
+        segment_descriptions=[description], series_instance_uid=generate_uid(None),
+        series_number=900, sop_instance_uid=generate_uid(None), instance_number=1,
+        manufacturer="radrepo-test", manufacturer_model_name="annotator",
+        software_versions="1", device_serial_number="1")
+    if conforming:
+        seg.DeviceSerialNumber = ""
+        organization = generate_uid(None)
+        for elem in seg.iterall():
+            if elem.keyword == "DimensionOrganizationUID":
+                elem.value = organization
+    else:
+        seg.SOPInstanceUID = seg.file_meta.MediaStorageSOPInstanceUID = hd.UID()
     return seg, series
 
 
@@ -311,19 +323,25 @@ def make_seg(release_dir: Path, series_uid: str | None = None):
 def test_a_seg_over_a_published_series_is_published_and_one_over_another_refused(
         release, tmp_path):
     import highdicom as hd
+    import pydicom
 
     config_path, release_dir, _ = release
     seg, series = make_seg(release_dir)
     seg.save_as(tmp_path / "lesion.dcm")
-    stray, _ = make_seg(release_dir, series_uid=hd.UID())
+    stray, _ = make_seg(release_dir, series_uid=pydicom.uid.generate_uid(None))
     stray.save_as(tmp_path / "stray.dcm")
+    raw, _ = make_seg(release_dir, conforming=False)
+    raw.save_as(tmp_path / "raw.dcm")
 
-    result = runner.invoke(app, ["labels", "import", str(config_path),
-                                 str(tmp_path / "lesion.dcm"), str(tmp_path / "stray.dcm")])
+    result = runner.invoke(app, ["labels", "import", str(config_path), str(tmp_path / "lesion.dcm"),
+                                 str(tmp_path / "stray.dcm"), str(tmp_path / "raw.dcm")])
     assert result.exit_code == 1
     assert "1 segmentations published" in result.output
     assert "stray.dcm: it references a series that is not published (unknown series)" \
         in result.output
+    assert ("raw.dcm: it fails the release's de-identification check (SOPInstanceUID: UID not "
+            "remapped; DeviceSerialNumber: has a value although the profile empties it; "
+            "DimensionOrganizationUID: UID not remapped") in result.output
     with catalog(release_dir) as con:
         rows = con.execute("SELECT sop_uid, referenced_series_uid, n_segments, segment_labels, "
                            "path, sha256, n_referenced_instances FROM segmentations").fetchall()
@@ -341,3 +359,7 @@ def test_a_seg_over_a_published_series_is_published_and_one_over_another_refused
     again = runner.invoke(app, ["labels", "import", str(config_path),
                                 str(tmp_path / "lesion.dcm")])
     assert again.exit_code == 0 and "0 segmentations published" in again.output
+    # the labelled release still passes the release gate, SEG, labels and reports included
+    work = load_config(config_path).work_dir
+    checked = runner.invoke(app, ["verify", str(release_dir), "--work", work])
+    assert checked.exit_code == 0, checked.output

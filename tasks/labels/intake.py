@@ -7,6 +7,7 @@ from pathlib import Path
 
 import duckdb
 
+from tasks.deidentify.profile import Profile
 from tasks.labels.importer import (
     ImportResult,
     LabelChecker,
@@ -26,8 +27,9 @@ from tasks.publish import Release
 
 
 def import_inputs(release: Release, con: duckdb.DuckDBPyConnection, checker: LabelChecker,
-                  paths: list[Path]) -> ImportResult:
-    """Import the files named (folders are searched); each rejection is named in the result."""
+                  profile: Profile, paths: list[Path]) -> ImportResult:
+    """Import the files named (folders are searched); each rejection is named in the result.
+    SEG files must pass ``profile``'s checks of released files."""
     result = ImportResult()
     rows: list[dict] = []
     segs: list[tuple[dict, bytes]] = []
@@ -43,7 +45,7 @@ def import_inputs(release: Release, con: duckdb.DuckDBPyConnection, checker: Lab
         elif suffix == ".dcm" or data[128:132] == b"DICM":
             images = images or PublishedImages.from_catalog(con)
             try:
-                row, _ = check_segmentation(data, checker.studies, images,
+                row, _ = check_segmentation(data, checker.studies, images, profile,
                                             checker.identifiers)
                 segs.append((row, data))
             except LabelRejected as err:

@@ -15,9 +15,10 @@ import pyarrow.parquet as pq
 from pydicom.errors import InvalidDicomError
 
 from schemas.catalog import SEGMENTATIONS
+from tasks.deidentify.profile import Profile
 from tasks.labels.importer import LabelRejected, PublishedStudy
 from tasks.publish import Release, table_bytes
-from tasks.verify import IdentifierMatcher
+from tasks.verify import IdentifierMatcher, check_structure
 
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 
@@ -38,11 +39,12 @@ class PublishedImages:
 
 
 def check_segmentation(data: bytes, studies: dict[str, PublishedStudy],
-                       images: PublishedImages,
+                       images: PublishedImages, profile: Profile,
                        identifiers: IdentifierMatcher | None = None) -> tuple[dict, PublishedStudy]:
     """The catalog row of a SEG that references only published images of one published
-    study, and that study; LabelRejected (naming no value) otherwise. Its own UIDs are new
-    (made by the annotation tool); every UID it references must be a published one."""
+    study, and that study; LabelRejected (naming no value) otherwise. It is published as it
+    came, so it must pass the checks ``radrepo verify`` makes of every released file under the
+    release's profile (2.25 UIDs, pseudonyms, nothing the profile removes or empties)."""
     try:
         seg = hd.seg.segread(io.BytesIO(data))
     except (InvalidDicomError, ValueError, AttributeError, KeyError, TypeError):
@@ -58,6 +60,11 @@ def check_segmentation(data: bytes, studies: dict[str, PublishedStudy],
         raise LabelRejected("its patient is not the published patient of its study")
     if seg.get("PatientBirthDate"):
         raise LabelRejected("it carries a patient birth date")
+    findings = check_structure(io.BytesIO(data), "SEG", profile)
+    if findings:
+        shown = "; ".join(f"{f.element}: {f.what}" for f in findings[:5])
+        more = f" and {len(findings) - 5} more" if len(findings) > 5 else ""
+        raise LabelRejected(f"it fails the release's de-identification check ({shown}{more})")
     if identifiers is not None and identifiers.in_bytes(data):
         raise LabelRejected("it carries an identifier seen at a source (value not shown)")
     sources = seg.get_source_image_uids()
