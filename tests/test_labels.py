@@ -363,3 +363,23 @@ def test_a_seg_over_a_published_series_is_published_and_one_over_another_refused
     work = load_config(config_path).work_dir
     checked = runner.invoke(app, ["verify", str(release_dir), "--work", work])
     assert checked.exit_code == 0, checked.output
+
+
+def test_a_label_schema_problem_is_one_line_naming_the_key(tmp_path):
+    from schemas.config import ConfigError
+    from schemas.label_schema import DEFAULT_LABEL_SCHEMA
+
+    text = DEFAULT_LABEL_SCHEMA.read_text()
+    broken = tmp_path / "schema.yaml"
+    broken.write_text(text.replace("    type: text\n", "    type: choice\n"))
+    with pytest.raises(ConfigError, match=r"label schema: items\.2: Value error, a choice item "
+                                          "lists its answers"):
+        load_label_schema(broken)
+    swapped = tmp_path / "other.yaml"
+    swapped.write_text(text.replace("negative, display: Negative for pneumonia",
+                                    "normal, display: Normal"))
+    from tasks.labels.form import questionnaire
+
+    items = {i.linkId: i for i in questionnaire(load_label_schema(swapped)).item}
+    assert [o.valueCoding.code for o in items["appearance"].answerOption] == [
+        "typical", "indeterminate", "atypical", "normal"]

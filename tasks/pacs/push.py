@@ -164,7 +164,7 @@ def push_release(release: Release, target: ResearchPacsConfig, ledger: PushLedge
             if on_sent is not None:
                 on_sent(result.sent)
     want = Counter(i.study_uid for i in plan)
-    got = study_counts(target, sorted(want))
+    got = study_counts(target, sorted(want)) if want else {}
     for uid, n in sorted(want.items()):
         if got.get(uid) is None or got[uid] < n:
             result.short_studies[uid] = (n, got.get(uid))
