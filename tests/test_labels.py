@@ -19,7 +19,6 @@ from schemas.config import load_config
 from schemas.label_schema import load_label_schema
 from tasks.deidentify.keys import PseudonymKeys
 from tests.conftest import TEST_SECRET
-from tests.released import publish_corpus
 
 runner = CliRunner()
 SITE = "site-a"
@@ -27,10 +26,10 @@ READERS = ("dr-ada", "dr-bob", "dr-cy")
 
 
 @pytest.fixture(scope="module")
-def release(prefect_server, corpus, dask_scheduler, tmp_path_factory):
-    """A published release, its config, and the pre-filled form written by the CLI."""
+def release(published_release, tmp_path_factory):
+    """The published release, its config, and the pre-filled form written by the CLI."""
     base = tmp_path_factory.mktemp("labels")
-    config_path = publish_corpus(corpus, dask_scheduler, base)
+    config_path = published_release
     cfg = load_config(config_path)
     form = base / "form"
     result = runner.invoke(app, ["labels", "form", cfg.release, "--out", str(form)])

@@ -19,15 +19,15 @@ from flows.cli import app
 from schemas.config import load_config
 from tasks.pacs.push import PushLedger, ledger_path, push_plan, push_release
 from tasks.publish import Release
-from tests.released import publish_corpus
+from tests.released import with_config
 
 runner = CliRunner()
 PASSWORD = "research-pacs-password"
 
 
 @pytest.fixture(scope="module")
-def research(prefect_server, corpus, dask_scheduler, tmp_path_factory):
-    """A published release and two empty research Orthancs named in its config."""
+def research(published_release, tmp_path_factory):
+    """The published release and two empty research Orthancs named in its config."""
     from infra.orthanc import OrthancUnavailable, free_port, run_orthanc
 
     base = tmp_path_factory.mktemp("push")
@@ -42,7 +42,7 @@ def research(prefect_server, corpus, dask_scheduler, tmp_path_factory):
             if os.environ.get("CI") == "true":
                 pytest.fail(f"the research PACS cannot start: {err}")
             pytest.skip(f"the research PACS cannot start: {err}")
-        config_path = publish_corpus(corpus, dask_scheduler, base, research_pacs={
+        config_path = with_config(published_release, base / "radrepo.yaml", research_pacs={
             "web": {"kind": "dicomweb", "url": web.dicomweb, "username": "radrepo",
                     "password_env": "RESEARCH_PACS_PASSWORD", "files_per_request": 8},
             "dimse": {"kind": "dimse", "host": "127.0.0.1", "port": dimse.dicom_port,
