@@ -1,4 +1,4 @@
-"""The ``radrepo`` command line: synth, run, query, frozen releases, export and demo."""
+"""The ``radrepo`` command line: synth, run, query, releases, export, push, labels, demo."""
 
 from __future__ import annotations
 
@@ -468,6 +468,155 @@ def report(
     if not location.complete_batches():
         _fail(f"no COMPLETE batch in {release}: nothing to report", 2)
     console.print(f"report: {location.url}/{write_report(location)}", highlight=False)
+
+
+@app.command()
+def push(
+    config: Annotated[Path, typer.Argument(help="consortium YAML")],
+    to: Annotated[str, typer.Option("--to", help="a research PACS named under research_pacs")],
+) -> None:
+    """Send the release's complete batches to a research PACS, resuming from its push ledger,
+    then check each study's instance count there. Exit 1 if anything is missing."""
+    from tasks.pacs import PacsUnavailable
+    from tasks.pacs.push import PushError, PushLedger, ledger_path, push_release
+    from tasks.publish import Release
+
+    try:
+        cfg = load_config(config)
+    except ConfigError as err:
+        _fail(str(err), 2)
+    if to not in cfg.research_pacs:
+        _fail(f"research_pacs: no research PACS named {to!r}", 2)
+    try:
+        ledger = PushLedger(ledger_path(cfg.work_dir, to))
+    except PushError as err:
+        _fail(str(err), 2)
+    try:
+        result = push_release(Release(cfg.release, cfg.release_storage_options),
+                              cfg.research_pacs[to], ledger)
+    except (PacsUnavailable, PushError) as err:
+        _fail(str(err), 1)
+    finally:
+        ledger.close()
+    console.print(f"{result.planned} instances in complete batches: {result.sent} sent, "
+                  f"{result.already_sent} already there (push ledger), "
+                  f"{sum(result.failed.values())} refused; {result.studies_verified} studies "
+                  f"verified, {len(result.short_studies)} short", highlight=False)
+    for reason, n in sorted(result.failed.items()):
+        console.print(f"  {n} refused: {reason}", highlight=False, markup=False)
+    for uid, (want, got) in result.short_studies.items():
+        console.print(f"  study {uid}: {want} sent, the PACS holds {got} (will be resent)",
+                      highlight=False, markup=False)
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+labels_app = typer.Typer(no_args_is_help=True,
+                         help="The labelling loop: FHIR form, labels back in, agreement.")
+app.add_typer(labels_app, name="labels")
+SchemaOption = Annotated[Path | None, typer.Option(
+    "--schema", help="label schema YAML (default: RICORD's, schemas/label_schema.yaml)")]
+
+
+def _label_schema(path: Path | None):
+    from schemas.label_schema import DEFAULT_LABEL_SCHEMA, load_label_schema
+
+    try:
+        return load_label_schema(path or DEFAULT_LABEL_SCHEMA)
+    except ConfigError as err:
+        _fail(str(err), 2)
+
+
+@labels_app.command("form")
+def labels_form(
+    release: Annotated[str, typer.Argument(help="release folder or URL")],
+    out: Annotated[Path, typer.Option(help="folder for questionnaire.json and responses/")],
+    schema: SchemaOption = None,
+) -> None:
+    """Write the FHIR R4 Questionnaire and one pre-filled QuestionnaireResponse per study."""
+    from tasks.catalog_query import NoCatalog, open_catalog
+    from tasks.labels.form import write_form
+    from tasks.publish import Release
+
+    form_schema = _label_schema(schema)
+    try:
+        with open_catalog(Release(release)) as con:
+            n = write_form(con, form_schema, out)
+    except NoCatalog as err:
+        _fail(str(err), 2)
+    console.print(f"wrote {out / 'questionnaire.json'} and {n} pre-filled responses in "
+                  f"{out / 'responses'}", highlight=False)
+
+
+@labels_app.command("import")
+def labels_import(
+    config: Annotated[Path, typer.Argument(help="consortium YAML")],
+    inputs: Annotated[list[Path], typer.Argument(
+        help="QuestionnaireResponse JSON or Bundle files, CSV exports, DICOM SEG files, "
+             "or folders of them")],
+    schema: SchemaOption = None,
+) -> None:
+    """Check completed labels and segmentations against the form and the catalog and append
+    them to the release. Exit 1 if anything was rejected (the rest is imported)."""
+    from flows.secret import keys_from_env
+    from tasks.catalog_query import NoCatalog, open_catalog
+    from tasks.deidentify.profile import load_profile
+    from tasks.labels.importer import LabelChecker, published_studies
+    from tasks.labels.intake import import_inputs
+    from tasks.publish import Release, refresh_catalog_db
+    from tasks.verify import read_identifiers
+
+    form_schema = _label_schema(schema)
+    try:
+        cfg = load_config(config)
+        keys = keys_from_env(cfg.secret_env)
+    except (ConfigError, SecretError) as err:
+        _fail(str(err), 2)
+    missing = [str(p) for p in inputs if not p.exists()]
+    if missing:
+        _fail(f"no such input: {missing[0]}", 2)
+    lists = sorted(Path(cfg.work_dir).glob("*/index/*.identifiers.parquet"))
+    identifiers = read_identifiers(lists) if lists else None
+    location = Release(cfg.release, cfg.release_storage_options)
+    try:
+        with open_catalog(location) as con:
+            checker = LabelChecker(form_schema, published_studies(con), keys, identifiers)
+            result = import_inputs(location, con, checker, load_profile(cfg.deid.options),
+                                   inputs)
+    except NoCatalog as err:
+        _fail(str(err), 2)
+    refresh_catalog_db(location, cfg.work_dir)
+    console.print(f"{result.labels} labels imported, {result.already_imported} already there, "
+                  f"{result.segmentations} segmentations published, {len(result.rejected)} "
+                  "rejected", highlight=False)
+    for rejection in result.rejected:
+        console.print(f"  rejected: {rejection}", highlight=False, markup=False)
+    if result.rejected:
+        raise typer.Exit(1)
+
+
+@labels_app.command("agreement")
+def labels_agreement(
+    release: Annotated[str, typer.Argument(help="release folder or URL")],
+    schema: SchemaOption = None,
+) -> None:
+    """Readers' agreement per site and item (Fleiss' kappa), also written to
+    reports/labels/agreement.csv in the release."""
+    from tasks.catalog_query import NoCatalog, open_catalog
+    from tasks.labels.agreement import agreement_csv, agreement_table
+    from tasks.publish import Release
+
+    form_schema = _label_schema(schema)
+    location = Release(release)
+    try:
+        with open_catalog(location) as con:
+            table = agreement_table(con, form_schema)
+    except NoCatalog as err:
+        _fail(str(err), 2)
+    location.write_bytes("reports/labels/agreement.csv", agreement_csv(table))
+    print_table(table.column_names, [tuple(f"{v:.4f}" if isinstance(v, float) else v
+                                           for v in r.values()) for r in table.to_pylist()])
+    console.print(f"written to {location.url}/reports/labels/agreement.csv", highlight=False)
 
 
 def print_table(columns: list[str], rows: list[tuple]) -> None:

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Install the services the tests start themselves on 127.0.0.1: Debian's Orthanc with its
 # DICOMweb plugin, as the PACS (infra/orthanc.py runs it). gcc builds its loopback shim.
+# DCMTK's storescu is the peer bench/push.py measures radrepo's push against.
 # Debian's chromium renders the release report headless (tests/test_report.py).
 # Idempotent: does nothing when they are already installed. `make test` runs it.
 set -euo pipefail
 if command -v Orthanc >/dev/null 2>&1 && command -v gcc >/dev/null 2>&1 \
     && [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] \
-    && command -v chromium >/dev/null 2>&1; then
+    && command -v chromium >/dev/null 2>&1 && command -v storescu >/dev/null 2>&1; then
   exit 0
 fi
 SUDO=
@@ -40,9 +41,9 @@ apt_get() {
     sleep 5
   done
 }
-echo "infra/install-services.sh: installing orthanc, orthanc-dicomweb and chromium (apt-get)" >&2
+echo "infra/install-services.sh: installing orthanc, orthanc-dicomweb, chromium and dcmtk (apt-get)" >&2
 apt_get update -qq
-apt_get install -y -qq --no-install-recommends orthanc orthanc-dicomweb gcc libc6-dev chromium
+apt_get install -y -qq --no-install-recommends orthanc orthanc-dicomweb gcc libc6-dev chromium dcmtk
 if command -v service >/dev/null 2>&1; then
   $SUDO service orthanc stop >/dev/null 2>&1 || true
 fi

@@ -462,3 +462,43 @@ VIEWS: dict[str, View] = {
          "description": "What the table, view or column holds."},
     ),
 }
+
+# Tables appended to after publication (labels come back from readers): their files sit in the
+# labelled study's partition beside, not inside, the batch's manifest.
+LABELS = pa.schema(
+    [
+        ("study_uid", pa.string()),  # the published study the label is about
+        ("patient_id", pa.string()),  # the study's published patient pseudonym
+        ("item", pa.string()),  # the questionnaire item (link id), e.g. appearance
+        ("answer", pa.string()),  # the answer code of a choice item, or the answer as text
+        ("answer_kind", pa.string()),  # the item's type: choice, text, string, integer, ...
+        ("reader_id", pa.string()),  # the reader, pseudonymized with the release's keyed hash
+        ("role", pa.string()),  # the reader's role, e.g. reader or adjudicator
+        ("adjudicates", pa.bool_()),  # true when the role's answer decides the consensus
+        ("authored", pa.timestamp("ms", tz="UTC")),  # when the reader answered (if given)
+        ("source", pa.string()),  # fhir or csv
+        ("input_sha256", pa.string()),  # SHA-256 of the file the label was imported from
+        ("questionnaire", pa.string()),  # canonical url|version of the form answered
+    ]
+)
+
+SEGMENTATIONS = pa.schema(
+    [
+        ("sop_uid", pa.string()),  # the SEG object's SOP Instance UID
+        ("series_uid", pa.string()),  # the SEG object's own series
+        ("study_uid", pa.string()),  # the published study it belongs to
+        ("patient_id", pa.string()),  # the study's published patient pseudonym
+        ("referenced_series_uid", pa.string()),  # the published series it segments
+        ("n_referenced_instances", pa.int32()),  # published images it references
+        ("n_segments", pa.int32()),  # segments in the object
+        ("segment_labels", pa.string()),  # the segments' labels, joined by "|"
+        ("path", pa.string()),  # where the SEG file is published in the release
+        ("size_bytes", pa.int64()),  # the published file's size
+        ("sha256", pa.string()),  # the published file's SHA-256
+    ]
+)
+
+APPENDED_TABLES: dict[str, pa.Schema] = {
+    "labels": LABELS,
+    "segmentations": SEGMENTATIONS,
+}

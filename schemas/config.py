@@ -81,6 +81,32 @@ SourceConfig = Annotated[
 PACS_KINDS = ("dimse", "dicomweb")
 
 
+class DimseResearchPacs(Strict):
+    """A research PACS that takes released files by C-STORE (the DIMSE source's fields)."""
+
+    kind: Literal["dimse"]
+    host: str
+    port: int = Field(ge=1, le=65535)
+    called_ae: str = Field(min_length=1, max_length=16)
+    calling_ae: str = Field(default="RADREPO", min_length=1, max_length=16)
+    timeout_seconds: float = Field(default=60.0, gt=0)
+
+
+class DicomWebResearchPacs(Strict):
+    """A research PACS that takes released files by STOW-RS (the DICOMweb source's fields)."""
+
+    kind: Literal["dicomweb"]
+    url: str = Field(pattern=r"^https?://[^/\s]+")  # the DICOMweb root: http://pacs:8042/dicom-web
+    username: str | None = None
+    password_env: str | None = None  # the environment variable holding the password
+    timeout_seconds: float = Field(default=60.0, gt=0)
+    files_per_request: int = Field(default=16, ge=1)  # instances in one STOW-RS request
+
+
+ResearchPacsConfig = Annotated[DimseResearchPacs | DicomWebResearchPacs,
+                               Field(discriminator="kind")]
+
+
 class Measurement(Strict):
     column: str
     unit: str = ""
@@ -189,6 +215,8 @@ class RadrepoConfig(Strict):
     # an object-store release's site lease expires this long after its last renewal
     lease_seconds: float = Field(default=300.0, ge=5)
     sites: list[SiteConfig] = Field(min_length=1)
+    # research PACS that `radrepo push --to NAME` sends the release's complete batches to
+    research_pacs: dict[str, ResearchPacsConfig] = Field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod

@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import duckdb
@@ -29,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from schemas.catalog import MANIFEST, PARTITION_COLUMNS, TABLES, VIEWS
+from schemas.catalog import APPENDED_TABLES, MANIFEST, PARTITION_COLUMNS, TABLES, VIEWS
 from tasks.catalog_dictionary import (
     catalog_info_statements,
     comment_statements,
@@ -41,6 +42,7 @@ from tasks.kill_point import kill_point
 COMPLETE = "COMPLETE"
 CATALOG_DB = "catalog.duckdb"
 CATALOG_README = "catalog/README.md"
+LABEL_VIEWS = "label_views.sql"  # in schemas/: the label_votes and label_consensus views
 KEY_CHECK = "KEY-CHECK"
 LEGACY_MANIFEST = "manifest.parquet"  # the one manifest of a batch published before versions
 MANIFEST_FILE = re.compile(r"^manifest(-[0-9a-f]{16})?\.parquet$")
@@ -152,10 +154,11 @@ class Release:
         """Relative paths of the Parquet files that hold a batch's rows of one catalog table.
 
         Readers (views, dedupe, frozen releases, exports) list a batch's catalog files here
-        and nowhere else: the files the batch's current manifest names. Run records are a
-        log every run appends to, outside the manifest: for ``runs``, the whole partition."""
+        and nowhere else: the files the batch's current manifest names. Run records, and the
+        labels and segmentations that come back after publication, are appended outside the
+        manifest: for those, the whole partition."""
         partition = self.partition(table, site_id, batch_id)
-        if table == "runs":
+        if table == "runs" or table in APPENDED_TABLES:
             pattern = self.path(f"{partition}/*.parquet")
             return sorted(p[len(self.root) + 1:] for p in self.fs.glob(pattern))
         return sorted(p for p in self.manifest(site_id, batch_id).column("path").to_pylist()
@@ -355,12 +358,13 @@ def read_published(release: Release, table: str, site_id: str, exclude_batch: st
     return pa.concat_tables(parts).cast(schema) if parts else schema.empty_table()
 
 
-def _view_sql(table: str, files: list[str]) -> str:
+def _view_sql(table: str, files: list[str], schema: pa.Schema | None = None) -> str:
     # the typed empty row set comes first: every view has the schema's columns, in its order
     # and types, even over batches written before a column was added (those read as NULL)
     columns = ", ".join(
         [f"CAST(NULL AS VARCHAR) AS {c}" for c in PARTITION_COLUMNS]
-        + [f'CAST(NULL AS {_duck_type(f.type)}) AS "{f.name}"' for f in TABLES[table]]
+        + [f'CAST(NULL AS {_duck_type(f.type)}) AS "{f.name}"'
+           for f in (schema or TABLES[table])]
     )
     empty = f"SELECT {columns} WHERE false"
     if not files:
@@ -410,6 +414,12 @@ def catalog_view_statements(release: Release) -> list[str]:
             patterns = [release.uri(relative) for site, batch in batches
                         for relative in release.catalog_files(table, site, batch)]
         statements.append(_view_sql(table, patterns))
+    for table, schema in APPENDED_TABLES.items():  # labels and segmentations
+        patterns = [release.uri(relative) for site, batch in batches
+                    for relative in release.catalog_files(table, site, batch)]
+        statements.append(_view_sql(table, patterns, schema))
+    views = resources.files("schemas").joinpath(LABEL_VIEWS).read_text()
+    statements += [s.strip() for s in views.split(";") if s.strip()]
     rows = ", ".join(f"('{s}', '{b}')" for s, b in batches) or "(NULL, NULL)"
     statements.append(
         f"CREATE VIEW batches AS SELECT * FROM (VALUES {rows}) AS t(site_id, batch_id) "

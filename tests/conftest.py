@@ -84,6 +84,15 @@ def consortium_config(corpus_dir: Path, truth: dict, release: Path, work: Path,
     return cfg
 
 
+@pytest.fixture(scope="session")
+def published_config(prefect_server, corpus, dask_scheduler, tmp_path_factory) -> Path:
+    """One release published by the nightly flow over the corpus, shared by the tests of what
+    comes after publication (push, labels); the path of its YAML config."""
+    from tests.released import publish_corpus
+
+    return publish_corpus(corpus, dask_scheduler, tmp_path_factory.mktemp("published"))
+
+
 PACS_PASSWORD = "pacs-test-password"
 PACS_SITE = "site-b"
 
