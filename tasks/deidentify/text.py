@@ -120,16 +120,17 @@ class IdentifierMatcher:
     """Finds identifying values in text as whole tokens, after normalization.
 
     A one-token identifier matches that token (and the digits of a word gluing letters to
-    them, so "PA" + an ID is found); one that is also a vocabulary word (UNKNOWN, CLEAN)
-    matches only a value that is exactly that word. An identifier of several tokens (a full
-    name, an address, a date) matches those tokens in a row, whatever separates them. Name
-    parts of any length are searched; numbers under ``min_number`` digits are not.
+    them, so "PA" + an ID is found). A one-token identifier that is also a vocabulary word
+    (UNKNOWN, CLEAN, POSITIVE) is not searched on its own: it names nobody, and radrepo's
+    own words (a COVID status, a QC outcome) are such words; the name it belongs to is still
+    searched in full. An identifier of several tokens (a full name, an address, a date)
+    matches those tokens in a row, whatever separates them. Name parts of any length are
+    searched; numbers under ``min_number`` digits are not.
     """
 
     def __init__(self, values: Iterable[str], min_number: int = MIN_NUMBER):
         vocab = vocabulary()
         self.singles: set[str] = set()
-        self.whole: set[tuple[str, ...]] = set()
         self.phrases: dict[int, set[tuple[str, ...]]] = {}
         for value in values:
             toks, _ = tokens(value)
@@ -141,19 +142,17 @@ class IdentifierMatcher:
             [tok] = toks
             if _NUMBER.fullmatch(tok) and len(tok.replace(".", "")) < min_number:
                 continue
-            if vocab.is_word(tok):
-                self.whole.add(toks)
-            else:
+            if not vocab.is_word(tok):
                 self.singles.add(tok)
         self.lengths = sorted(self.phrases)
-        self.empty = not (self.singles or self.whole or self.phrases)
+        self.empty = not (self.singles or self.phrases)
 
     def in_text(self, text: str) -> bool:
         """Whether ``text`` holds one of the identifiers."""
         if self.empty or not text:
             return False
         toks, glued = tokens(text)
-        return toks in self.whole or self._found(toks, glued, self.singles)
+        return self._found(toks, glued, self.singles)
 
     def _found(self, toks: tuple[str, ...], glued: frozenset[str], singles: set[str]) -> bool:
         if not singles.isdisjoint(toks) or (glued and not singles.isdisjoint(glued)):
@@ -188,8 +187,6 @@ class IdentifierMatcher:
             owner += [i] * len(toks)
             if not self.singles.isdisjoint(toks) or not self.singles.isdisjoint(digits):
                 hits.add(i)
-        if tuple(flat) in self.whole:
-            return set(range(len(pairs)))
         for n in self.lengths:
             for i in range(len(flat) - n + 1):
                 if tuple(flat[i:i + n]) in self.phrases[n]:
