@@ -19,7 +19,10 @@ MAX_PREDICATE = 4000
 _OBJECTS = ("(SELECT study_uid AS uid FROM chosen UNION ALL "
             "SELECT series_uid FROM series WHERE study_uid IN (SELECT study_uid FROM chosen) "
             "UNION ALL "
-            "SELECT sop_uid FROM instances WHERE study_uid IN (SELECT study_uid FROM chosen))")
+            "SELECT sop_uid FROM instances WHERE study_uid IN (SELECT study_uid FROM chosen) "
+            "UNION ALL "
+            "SELECT sop_uid FROM excluded_instances "
+            "WHERE study_uid IN (SELECT study_uid FROM chosen))")
 _PATIENTS = ("(SELECT patient_id FROM studies "
              "WHERE study_uid IN (SELECT study_uid FROM chosen))")
 FILTERS: dict[str, str] = {
@@ -27,6 +30,7 @@ FILTERS: dict[str, str] = {
     "studies": "study_uid IN (SELECT study_uid FROM chosen)",
     "series": "study_uid IN (SELECT study_uid FROM chosen)",
     "instances": "study_uid IN (SELECT study_uid FROM chosen)",
+    "excluded_instances": "study_uid IN (SELECT study_uid FROM chosen)",
     "clinical": f"patient_id IN {_PATIENTS}",
     "qc": f"uid IN {_OBJECTS}",
     "duplicates": f"uid IN {_OBJECTS} OR kept_uid IN {_OBJECTS}",
