@@ -302,5 +302,6 @@ def test_a_run_that_cannot_get_the_site_lock_gives_up_in_one_line_naming_the_hol
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("radrepo: site site-a is locked by another run (host ")
-    assert f"pid {holder.pid}, run run-held" in last and last.endswith("waiting 1 s")
+    assert f"pid {holder.pid}, run run-held" in last and "gave up after waiting 1 s" in last
+    assert "(details: " in last and last.endswith(".log)")  # the traceback is in the private log
     assert not (tmp_path / "release" / "batches").exists()  # nothing was published
