@@ -465,40 +465,98 @@ VIEWS: dict[str, View] = {
 
 # Tables appended to after publication (labels come back from readers): their files sit in the
 # labelled study's partition beside, not inside, the batch's manifest.
-LABELS = pa.schema(
-    [
-        ("study_uid", pa.string()),  # the published study the label is about
-        ("patient_id", pa.string()),  # the study's published patient pseudonym
-        ("item", pa.string()),  # the questionnaire item (link id), e.g. appearance
-        ("answer", pa.string()),  # the answer code of a choice item, or the answer as text
-        ("answer_kind", pa.string()),  # the item's type: choice, text, string, integer, ...
-        ("reader_id", pa.string()),  # the reader, pseudonymized with the release's keyed hash
-        ("role", pa.string()),  # the reader's role, e.g. reader or adjudicator
-        ("adjudicates", pa.bool_()),  # true when the role's answer decides the consensus
-        ("authored", pa.timestamp("ms", tz="UTC")),  # when the reader answered (if given)
-        ("source", pa.string()),  # fhir or csv
-        ("input_sha256", pa.string()),  # SHA-256 of the file the label was imported from
-        ("questionnaire", pa.string()),  # canonical url|version of the form answered
-    ]
-)
-
-SEGMENTATIONS = pa.schema(
-    [
-        ("sop_uid", pa.string()),  # the SEG object's SOP Instance UID
-        ("series_uid", pa.string()),  # the SEG object's own series
-        ("study_uid", pa.string()),  # the published study it belongs to
-        ("patient_id", pa.string()),  # the study's published patient pseudonym
-        ("referenced_series_uid", pa.string()),  # the published series it segments
-        ("n_referenced_instances", pa.int32()),  # published images it references
-        ("n_segments", pa.int32()),  # segments in the object
-        ("segment_labels", pa.string()),  # the segments' labels, joined by "|"
-        ("path", pa.string()),  # where the SEG file is published in the release
-        ("size_bytes", pa.int64()),  # the published file's size
-        ("sha256", pa.string()),  # the published file's SHA-256
-    ]
-)
-
-APPENDED_TABLES: dict[str, pa.Schema] = {
-    "labels": LABELS,
-    "segmentations": SEGMENTATIONS,
+APPENDED_DOCS: dict[str, Table] = {
+    "labels": Table(
+        "One row per reader's answer to one item of the labelling form about one published "
+        "study (radrepo labels import).",
+        (
+            ("study_uid", pa.string(), "The published study the label is about."),
+            ("patient_id", pa.string(), "The study's published patient pseudonym."),
+            ("item", pa.string(), "The questionnaire item (link id), e.g. appearance."),
+            ("answer", pa.string(), "The answer code of a choice item, or the answer as text."),
+            ("answer_kind", pa.string(), "The item's type: choice, text, string, integer, ..."),
+            ("reader_id", pa.string(), "The reader, pseudonymized with the release's keyed "
+             "hash."),
+            ("role", pa.string(), "The reader's role, e.g. reader or adjudicator."),
+            ("adjudicates", pa.bool_(), "True when the role's answer decides the consensus."),
+            ("authored", pa.timestamp("ms", tz="UTC"), "When the reader answered (if given)."),
+            ("source", pa.string(), "fhir or csv: the kind of file the label came in."),
+            ("input_sha256", pa.string(), "SHA-256 of the file the label was imported from."),
+            ("questionnaire", pa.string(), "Canonical url|version of the form answered."),
+        ),
+    ),
+    "segmentations": Table(
+        "One row per DICOM SEG object imported against a published series and published "
+        "under its study.",
+        (
+            ("sop_uid", pa.string(), "The SEG object's SOP Instance UID."),
+            ("series_uid", pa.string(), "The SEG object's own series."),
+            ("study_uid", pa.string(), "The published study it belongs to."),
+            ("patient_id", pa.string(), "The study's published patient pseudonym."),
+            ("referenced_series_uid", pa.string(), "The published series it segments."),
+            ("n_referenced_instances", pa.int32(), "Published images it references."),
+            ("n_segments", pa.int32(), "Segments in the object."),
+            ("segment_labels", pa.string(), "The segments' labels, joined by |."),
+            ("path", pa.string(), "Where the SEG file is published, from the release root."),
+            ("size_bytes", pa.int64(), "The published file's size in bytes."),
+            ("sha256", pa.string(), "The published file's SHA-256."),
+        ),
+    ),
 }
+APPENDED_TABLES: dict[str, pa.Schema] = {name: doc.schema for name, doc in APPENDED_DOCS.items()}
+LABELS = APPENDED_TABLES["labels"]
+SEGMENTATIONS = APPENDED_TABLES["segmentations"]
+
+_LABEL_KEYS = {"site_id": PARTITION_DESCRIPTIONS["site_id"],
+               "batch_id": PARTITION_DESCRIPTIONS["batch_id"],
+               "study_uid": "The published study.",
+               "item": "The questionnaire item (link id)."}
+VIEWS["label_votes"] = View(
+    "Each reader's latest answer per study and choice item of the labelling form.",
+    """
+SELECT site_id, batch_id, study_uid, item, reader_id, role, adjudicates, answer, authored
+FROM labels
+WHERE answer_kind = 'choice'
+QUALIFY row_number() OVER (
+    PARTITION BY study_uid, item, reader_id, role
+    ORDER BY authored DESC NULLS LAST, answer) = 1
+    """,
+    {**_LABEL_KEYS, **{c: APPENDED_DOCS["labels"].column_descriptions[c]
+                       for c in ("reader_id", "role", "adjudicates", "answer", "authored")}},
+)
+VIEWS["label_consensus"] = View(
+    "Per study and choice item: the readers' majority (more than half of them), or the "
+    "latest adjudicator's answer, which decides whenever there is one; without either the "
+    "study needs adjudication.",
+    """
+WITH votes AS (
+    SELECT site_id, batch_id, study_uid, item, answer, count(*) AS n
+    FROM label_votes WHERE NOT adjudicates GROUP BY ALL
+), tally AS (
+    SELECT site_id, batch_id, study_uid, item, CAST(sum(n) AS INTEGER) AS n_readers,
+           CAST(max(n) AS INTEGER) AS top_votes, arg_max(answer, n) AS top_answer
+    FROM votes GROUP BY ALL
+), adjudicated AS (
+    SELECT site_id, batch_id, study_uid, item, answer
+    FROM label_votes WHERE adjudicates
+    QUALIFY row_number() OVER (PARTITION BY study_uid, item
+                               ORDER BY authored DESC NULLS LAST, answer) = 1
+)
+SELECT site_id, batch_id, study_uid, item,
+       coalesce(t.n_readers, 0) AS n_readers,
+       CASE WHEN t.top_votes * 2 > t.n_readers THEN t.top_answer END AS majority,
+       a.answer AS adjudicated,
+       CASE WHEN a.answer IS NOT NULL THEN a.answer
+            WHEN t.top_votes * 2 > t.n_readers THEN t.top_answer END AS consensus,
+       CASE WHEN a.answer IS NOT NULL THEN 'adjudicated'
+            WHEN t.top_votes * 2 > t.n_readers THEN 'majority'
+            ELSE 'needs_adjudication' END AS status
+FROM tally t FULL JOIN adjudicated a USING (site_id, batch_id, study_uid, item)
+    """,
+    {**_LABEL_KEYS,
+     "n_readers": "Readers (not adjudicators) who answered the item.",
+     "majority": "The answer more than half of the readers gave; null without one.",
+     "adjudicated": "The latest adjudicator's answer; null without one.",
+     "consensus": "The adjudicated answer if any, else the majority; null when neither.",
+     "status": "adjudicated, majority or needs_adjudication."},
+)

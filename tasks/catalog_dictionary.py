@@ -17,7 +17,7 @@ def descriptions() -> dict[str, tuple[str, dict[str, str]]]:
     out = {name: (doc.description, {**{c: cat.PARTITION_DESCRIPTIONS[c]
                                         for c in cat.PARTITION_COLUMNS},
                                      **doc.column_descriptions})
-           for name, doc in cat.DOCS.items()}
+           for name, doc in {**cat.DOCS, **cat.APPENDED_DOCS}.items()}
     out["batches"] = cat.BATCHES_DOC
     out.update({name: (view.description, view.columns) for name, view in cat.VIEWS.items()})
     return out

@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import duckdb
@@ -42,7 +41,6 @@ from tasks.kill_point import kill_point
 COMPLETE = "COMPLETE"
 CATALOG_DB = "catalog.duckdb"
 CATALOG_README = "catalog/README.md"
-LABEL_VIEWS = "label_views.sql"  # in schemas/: the label_votes and label_consensus views
 KEY_CHECK = "KEY-CHECK"
 LEGACY_MANIFEST = "manifest.parquet"  # the one manifest of a batch published before versions
 MANIFEST_FILE = re.compile(r"^manifest(-[0-9a-f]{16})?\.parquet$")
@@ -418,8 +416,6 @@ def catalog_view_statements(release: Release) -> list[str]:
         patterns = [release.uri(relative) for site, batch in batches
                     for relative in release.catalog_files(table, site, batch)]
         statements.append(_view_sql(table, patterns, schema))
-    views = resources.files("schemas").joinpath(LABEL_VIEWS).read_text()
-    statements += [s.strip() for s in views.split(";") if s.strip()]
     rows = ", ".join(f"('{s}', '{b}')" for s, b in batches) or "(NULL, NULL)"
     statements.append(
         f"CREATE VIEW batches AS SELECT * FROM (VALUES {rows}) AS t(site_id, batch_id) "
