@@ -104,13 +104,27 @@ def _data_errors() -> tuple[type[Exception], ...]:
             PacsUnavailable)
 
 
-def _run_nightly(config: RadrepoConfig, sites: list[str] | None, batches: list[str] | None,
-                 force: bool) -> list[dict]:
+def _sites_failed_error() -> type[Exception]:
+    from flows.nightly import SitesFailed
+
+    return SitesFailed
+
+
+def _run_nightly(config: RadrepoConfig, config_path: Path | None, sites: list[str] | None,
+                 batches: list[str] | None, force: bool) -> list[dict]:
     from flows.nightly import nightly
     from flows.secret import keys_from_env
 
     keys_from_env(config.secret_env)
-    return nightly(config, sites=sites, batches=batches, force=force)
+    return nightly(config_path or config, sites=sites, batches=batches, force=force)
+
+
+def _sites_failed(err) -> None:
+    """The summary of every site, then one ``radrepo:`` line per failed site; exit 1."""
+    print_summaries(err.summaries)
+    for line in err.lines:
+        typer.echo(f"radrepo: {line}", err=True)
+    raise typer.Exit(1)
 
 
 @app.command()
@@ -157,9 +171,11 @@ def run(
             cfg = _one_off_config(source, clinical or [], remap or [], release, work)
         for s in site or []:
             cfg.site(s)
-        summaries = _run_nightly(cfg, site, batch, force)
+        summaries = _run_nightly(cfg, config, site, batch, force)
     except (ConfigError, SecretError) as err:
         _fail(str(err), 2)
+    except _sites_failed_error() as err:
+        _sites_failed(err)
     except _data_errors() as err:
         _fail(str(err), 1)
     print_summaries(summaries)
@@ -190,12 +206,39 @@ def backfill(
         for s in site or []:
             cfg.site(s)
         keys_from_env(cfg.secret_env)
-        summaries = backfill_flow(cfg, sites=site, batches=batch, since=days[0], until=days[1])
+        summaries = backfill_flow(config, sites=site, batches=batch, since=days[0],
+                                  until=days[1])
     except (ConfigError, SecretError) as err:
         _fail(str(err), 2)
+    except _sites_failed_error() as err:
+        _sites_failed(err)
     except _data_errors() as err:
         _fail(str(err), 1)
     print_summaries(summaries, empty="nothing to do: no batch matches")
+
+
+@app.command()
+def deploy(
+    config: Annotated[Path, typer.Argument(help="consortium YAML, read by every run")],
+) -> None:
+    """Register deployments nightly/nightly (on the config's schedule) and backfill/backfill
+    in the process work pool radrepo of the Prefect server at PREFECT_API_URL."""
+    from prefect.settings import PREFECT_API_URL
+
+    from flows import deploy as deployments
+
+    if not PREFECT_API_URL.value():
+        _fail("set PREFECT_API_URL to the Prefect server's API (e.g. http://127.0.0.1:4200/api)",
+              2)
+    try:
+        deployed = deployments.deploy(config)
+    except ConfigError as err:
+        _fail(str(err), 2)
+    for d in deployed:
+        console.print(f"deployment {d.name}: {d.schedule}, work pool {deployments.WORK_POOL}",
+                      highlight=False)
+    console.print(f"start a worker: prefect worker start --pool {deployments.WORK_POOL}",
+                  highlight=False)
 
 
 @app.command()
@@ -353,7 +396,7 @@ def demo(
         {"release": "release", "work_dir": "work", "sites": sites}, sort_keys=False))
     console.print(f"config: {config_path}", highlight=False)
     try:
-        summaries = _run_nightly(load_config(config_path), None, None, False)
+        summaries = _run_nightly(load_config(config_path), config_path, None, None, False)
     except (ConfigError, SecretError) as err:
         _fail(str(err), 2)
     print_summaries(summaries)

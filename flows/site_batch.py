@@ -8,6 +8,7 @@ header value, because Prefect stores parameters on its server.
 from __future__ import annotations
 
 import json
+import threading
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
@@ -21,7 +22,7 @@ from prefect.runtime import flow_run
 from flows.cluster import dask_client
 from flows.secret import keys_from_env
 from schemas.catalog import CLINICAL, RUNS
-from schemas.config import RadrepoConfig, SourceConfig
+from schemas.config import RadrepoConfig, SourceConfig, load_config
 from schemas.pipeline import DEIDENTIFIED_CLINICAL
 from tasks import catalog, clinical, dedupe, ingest, qc, verify
 from tasks import publish as publishing
@@ -36,6 +37,7 @@ from tasks.deidentify import (
 from tasks.deidentify.profile import load_profile
 
 step = task(cache_policy=NO_CACHE, persist_result=False)
+CATALOG_REFRESH = threading.Lock()  # sites publish side by side; one rewrites catalog.duckdb
 
 
 class BatchNotFound(LookupError):
@@ -126,7 +128,8 @@ def publish_step(release: publishing.Release, site_id: str, batch_id: str,
              for staged, rel in assembled.files]
     result = publishing.publish_batch(release, site_id, batch_id, assembled.tables, files,
                                       run, run_id, reports)
-    publishing.refresh_catalog_db(release, work_dir)
+    with CATALOG_REFRESH:
+        publishing.refresh_catalog_db(release, work_dir)
     return result
 
 
@@ -153,10 +156,14 @@ def _run_table(run_id: str, site_profile: str, started: datetime, counts: dict) 
 
 
 @flow(name="site_batch", persist_result=False)
-def site_batch(config: RadrepoConfig, site_id: str, batch_id: str, force: bool = False,
+def site_batch(config: RadrepoConfig | str, site_id: str, batch_id: str, force: bool = False,
                scheduler: str | None = None) -> dict[str, Any]:
-    """Take one batch of one site from its source to a published, COMPLETE release batch."""
+    """Take one batch of one site from its source to a published, COMPLETE release batch.
+
+    ``config`` is a parsed configuration or the path of its file (what flow runs record)."""
     logger = get_run_logger()
+    if isinstance(config, str):
+        config = load_config(Path(config))
     release = publishing.Release(config.release, config.release_storage_options)
     if release.is_complete(site_id, batch_id) and not force:
         logger.info("site %s batch %s is already published; nothing to do", site_id, batch_id)

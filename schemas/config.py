@@ -150,6 +150,29 @@ class DaskConfig(Strict):
     threads_per_worker: int = Field(default=1, ge=1)
 
 
+class ScheduleConfig(Strict):
+    """When the ``nightly`` deployment runs: a cron line read in an IANA time zone."""
+
+    cron: str = "0 2 * * *"
+    timezone: str = "UTC"
+
+    @field_validator("cron")
+    @classmethod
+    def _five_fields(cls, cron: str) -> str:
+        if len(cron.split()) != 5:
+            raise ValueError("expected five cron fields, e.g. '0 2 * * *'")
+        return cron
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, timezone: str) -> str:
+        from zoneinfo import available_timezones
+
+        if timezone not in available_timezones():
+            raise ValueError(f"unknown time zone {timezone!r}")
+        return timezone
+
+
 class DeidConfig(Strict):
     profile: Literal["basic"] = "basic"
     options: tuple[
@@ -175,6 +198,8 @@ class RadrepoConfig(Strict):
     qc: QcConfig = QcConfig()
     inclusion_windows: dict[str, Window] = Field(default_factory=lambda: dict(DEFAULT_WINDOWS))
     split_exam_minutes: int = Field(default=30, ge=0)
+    schedule: ScheduleConfig = ScheduleConfig()
+    max_parallel_sites: int = Field(default=2, ge=1)  # sites a nightly run works on at once
     sites: list[SiteConfig] = Field(min_length=1)
 
     @field_validator("sites")

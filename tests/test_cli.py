@@ -151,10 +151,10 @@ def test_deidentify_command_cleans_a_folder(tmp_path):
     assert clean.exit_code == 0 and "0 quarantined" in clean.output
 
 
-def test_nightly_from_file_is_the_deployment_entry_point(prefect_server, corpus, tmp_path):
+def test_nightly_flow_reads_its_config_file_at_run_time(prefect_server, corpus, tmp_path):
     import yaml
 
-    from flows.nightly import nightly_from_file
+    from flows.nightly import nightly_flow
 
     corpus_dir, truth = corpus
     flat_id, flat = next((k, v) for k, v in truth["sites"].items() if v["layout"] == "flat")
@@ -162,7 +162,7 @@ def test_nightly_from_file_is_the_deployment_entry_point(prefect_server, corpus,
         "release": "release", "work_dir": "work",
         "sites": [{"site_id": flat_id, "source": {"kind": "flat",
                                                   "path": str(corpus_dir / flat["source"])}}]}))
-    [summary] = nightly_from_file(str(config))
+    [summary] = nightly_flow(str(config))
     assert summary["status"] == "published" and summary["files_in"] == len(flat["files"])
     assert (tmp_path / "release" / "batches" / flat_id / summary["batch_id"] / "COMPLETE").exists()
 

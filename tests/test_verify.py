@@ -78,14 +78,15 @@ def cross_patient_site(root):
 
 
 def test_gate_fails_a_leaking_batch_and_publishes_nothing(prefect_server, tmp_path):
-    from flows.nightly import nightly
+    from flows.nightly import SitesFailed, nightly
 
     cross_patient_site(tmp_path / "src")
     config = parse_config({"release": "release", "work_dir": "work", "sites": [
         {"site_id": "s1", "source": {"kind": "flat", "path": "src"}}]}, tmp_path)
-    with pytest.raises(verify.LeakFound) as err:
+    with pytest.raises(SitesFailed) as err:
         nightly(config)
-    message = str(err.value)
+    [message] = err.value.lines
+    assert message.startswith("site s1: verification gate: ")
     assert "ManufacturerModelName" in message and "dicom/s1/" in message
     assert "ROE" not in message and "RICHARD" not in message
     assert not list((tmp_path / "release").rglob("COMPLETE"))
@@ -129,5 +130,5 @@ def test_run_command_reports_a_leak_in_one_line_without_the_value(prefect_server
     assert result.exit_code == 1, result.output
     assert "ManufacturerModelName" in result.output and "ROE" not in result.output
     # Prefect logs the failed task; radrepo's own word is one clear line
-    assert any(line.startswith("radrepo: verification gate")
+    assert any(line.startswith("radrepo: site s1: verification gate")
                for line in result.output.splitlines())
