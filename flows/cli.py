@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import sys
@@ -79,14 +80,16 @@ def print_summaries(summaries: list[dict],
             "files_in", "published", "excluded", "quarantined")))
     console.print(table)
     for s in summaries:
-        if s.get("skipped_already_ingested"):
-            console.print(f"  {s['site_id']} {s['batch_id']}: {s['skipped_already_ingested']} "
-                          "objects skipped, already ingested", highlight=False, markup=False)
+        notes = [f"{s['skipped_already_ingested']} objects skipped, already ingested"
+                 ] if s.get("skipped_already_ingested") else []
         for label, key in (("excluded", "excluded_by_reason"),
                            ("quarantined", "quarantined_by_reason")):
-            for reason, n in (s.get(key) or {}).items():
-                console.print(f"  {s['site_id']} {s['batch_id']}: {n} {label}: {reason}",
-                              highlight=False, markup=False)
+            reasons = s.get(key) or {}
+            if reasons:
+                notes.append(f"{label}: " + ", ".join(f"{n} {r}" for r, n in reasons.items()))
+        if notes:
+            console.print(f"  {s['site_id']} {s['batch_id']}: " + "; ".join(notes),
+                          highlight=False, markup=False)
 
 
 def _data_errors() -> tuple[type[Exception], ...]:
@@ -415,6 +418,9 @@ def main() -> None:
     """Console-script entry point."""
     # a temporary Prefect server must not try to phone home from an offline site network
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # the console shows radrepo's summary and warnings; Prefect's INFO lines still reach its API
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    logging.getLogger("distributed").setLevel(logging.WARNING)
     try:
         app()
     except KeyboardInterrupt:

@@ -166,7 +166,7 @@ def config_file(config: RadrepoConfig | str | Path) -> str:
     parsed configuration a copy written (once, by content) to the private work folder."""
     if not isinstance(config, RadrepoConfig):
         return str(Path(config).resolve())
-    text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=True)
+    text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)  # order is meaning
     path = Path(config.work_dir) / "configs" / (
         hashlib.sha256(text.encode()).hexdigest()[:16] + ".yaml")
     if not path.exists():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
@@ -19,6 +20,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
+from flows.batch_report import STEP_SECONDS, publish_report, timed
 from flows.cluster import dask_client
 from flows.secret import keys_from_env
 from schemas.catalog import CLINICAL, RUNS
@@ -36,7 +38,13 @@ from tasks.deidentify import (
 )
 from tasks.deidentify.profile import load_profile
 
-step = task(cache_policy=NO_CACHE, persist_result=False)
+
+def step(name: str) -> Callable:
+    """A Prefect task, not cached or persisted, whose seconds go on the batch's clock."""
+    return lambda fn: task(name=name, cache_policy=NO_CACHE, persist_result=False)(
+        timed(name, fn))
+
+
 CATALOG_REFRESH = threading.Lock()  # sites publish side by side; one rewrites catalog.duckdb
 
 
@@ -169,6 +177,8 @@ def site_batch(config: RadrepoConfig | str, site_id: str, batch_id: str, force: 
         logger.info("site %s batch %s is already published; nothing to do", site_id, batch_id)
         return {"site_id": site_id, "batch_id": batch_id, "status": "already published"}
     started = datetime.now(UTC)
+    seconds: dict[str, float] = {}
+    STEP_SECONDS.set(seconds)
     keys = keys_from_env(config.secret_env)
     site = config.site(site_id)
     batch = find_batch(config, site_id, batch_id)
@@ -216,6 +226,7 @@ def site_batch(config: RadrepoConfig | str, site_id: str, batch_id: str, force: 
     ingest.record_ingested(batch, ingested.index, config.work_dir)
     ingest.forget_pending(config.work_dir, site_id, batch_id)
     ingest.clear_staging(batch, config.work_dir)
+    publish_report(site_id, batch_id, counts, seconds, sorted(reports))
     logger.info("site %s batch %s: %d files in, %d published, %d excluded, %d quarantined",
                 site_id, batch_id, counts["files_in"], counts["published"], counts["excluded"],
                 counts["quarantined"])
