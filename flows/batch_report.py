@@ -36,7 +36,7 @@ def artifact_key(site_id: str, batch_id: str) -> str:
 
 
 def batch_markdown(site_id: str, batch_id: str, counts: dict, seconds: dict[str, float],
-                   reports: list[str]) -> str:
+                   reports: list[str], wall_seconds: float) -> str:
     """The batch's report as markdown."""
     lines = [f"# {site_id} / {batch_id}", "", "| outcome | files |", "| --- | ---: |"]
     lines += [f"| {k.replace('_', ' ')} | {counts.get(k, 0)} |"
@@ -51,6 +51,8 @@ def batch_markdown(site_id: str, batch_id: str, counts: dict, seconds: dict[str,
                   if reasons else ["none"])
     lines += ["", "## Seconds per step", "", "| step | s |", "| --- | ---: |"]
     lines += [f"| {name} | {s:.2f} |" for name, s in seconds.items()]
+    lines += ["", f"Whole batch: {wall_seconds:.2f} s, of which {sum(seconds.values()):.2f} s "
+              "in the steps above; the rest is orchestration."]
     sheet = [r for r in reports if r.endswith(".html")]
     lines += ["", "## Contact sheet", "",
               f"`{sheet[0]}` in the release" if sheet else "none (nothing published)"]
@@ -58,9 +60,9 @@ def batch_markdown(site_id: str, batch_id: str, counts: dict, seconds: dict[str,
 
 
 def publish_report(site_id: str, batch_id: str, counts: dict, seconds: dict[str, float],
-                   reports: list[str]) -> None:
+                   reports: list[str], wall_seconds: float) -> None:
     """Attach the batch's report to the running flow as a markdown artifact."""
     create_markdown_artifact(
-        batch_markdown(site_id, batch_id, counts, seconds, reports),
+        batch_markdown(site_id, batch_id, counts, seconds, reports, wall_seconds),
         key=artifact_key(site_id, batch_id),
         description=f"radrepo batch report: {site_id} {batch_id}")

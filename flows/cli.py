@@ -116,10 +116,12 @@ def _sites_failed_error() -> type[Exception]:
 def _run_nightly(config: RadrepoConfig, config_path: Path | None, sites: list[str] | None,
                  batches: list[str] | None, force: bool) -> list[dict]:
     from flows.nightly import nightly
+    from flows.progress import progress_bars
     from flows.secret import keys_from_env
 
     keys_from_env(config.secret_env)
-    return nightly(config_path or config, sites=sites, batches=batches, force=force)
+    with progress_bars(console, len(sites or config.sites)):
+        return nightly(config_path or config, sites=sites, batches=batches, force=force)
 
 
 def _sites_failed(err) -> None:
@@ -196,6 +198,7 @@ def backfill(
     from datetime import date
 
     from flows.nightly import backfill as backfill_flow
+    from flows.progress import progress_bars
     from flows.secret import keys_from_env
 
     try:
@@ -209,8 +212,9 @@ def backfill(
         for s in site or []:
             cfg.site(s)
         keys_from_env(cfg.secret_env)
-        summaries = backfill_flow(config, sites=site, batches=batch, since=days[0],
-                                  until=days[1])
+        with progress_bars(console, len(site or cfg.sites)):
+            summaries = backfill_flow(config, sites=site, batches=batch, since=days[0],
+                                      until=days[1])
     except (ConfigError, SecretError) as err:
         _fail(str(err), 2)
     except _sites_failed_error() as err:

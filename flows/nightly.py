@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 from prefect import flow, get_run_logger
 
+from flows import progress
 from flows.cluster import local_cluster
 from flows.secret import keys_from_env
 from flows.site_batch import site_batch
@@ -81,6 +82,8 @@ def run_site(config_path: str, config: RadrepoConfig, site_id: str, wanted: Want
         site, config.work_dir, published, window,
         notify=lambda note: logger.warning("site %s: %s", site_id, note))
     plan = [b for b in found if wanted(b.batch_id) or (b.pacs and window is not None)]
+    if progress.current():
+        progress.current().discovered(len(plan))
     for batch in plan:
         ingest.save_pending(batch, config.work_dir)
     summaries = []

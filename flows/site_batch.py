@@ -16,16 +16,18 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
+from flows import progress
 from flows.batch_report import STEP_SECONDS, publish_report, timed
 from flows.cluster import dask_client
 from flows.secret import keys_from_env
 from schemas.catalog import CLINICAL, RUNS
 from schemas.config import RadrepoConfig, SourceConfig, load_config
-from schemas.pipeline import DEIDENTIFIED_CLINICAL
+from schemas.pipeline import DEIDENTIFIED_CLINICAL, OK
 from tasks import catalog, clinical, dedupe, ingest, qc, verify
 from tasks import publish as publishing
 from tasks.contact_sheet import contact_sheet
@@ -61,8 +63,12 @@ def ingest_step(batch: ingest.BatchRef, source: SourceConfig,
 @step(name="deidentify")
 def deidentify_step(index: pa.Table, ctx: DeidContext, identifiers_path: str,
                     scheduler: str | None, config: RadrepoConfig) -> pa.Table:
+    bars = progress.current()
+    if bars:
+        bars.files_found(pc.sum(pc.equal(index["status"], OK)).as_py() or 0)
     with dask_client(config.dask, scheduler) as client:
-        return deidentify_batch(index, ctx, identifiers_path, client)
+        return deidentify_batch(index, ctx, identifiers_path, client,
+                                bars.files_done if bars else None)
 
 
 @step(name="deidentify_clinical")
@@ -226,7 +232,10 @@ def site_batch(config: RadrepoConfig | str, site_id: str, batch_id: str, force: 
     ingest.record_ingested(batch, ingested.index, config.work_dir)
     ingest.forget_pending(config.work_dir, site_id, batch_id)
     ingest.clear_staging(batch, config.work_dir)
-    publish_report(site_id, batch_id, counts, seconds, sorted(reports))
+    if progress.current():
+        progress.current().published()
+    publish_report(site_id, batch_id, counts, seconds, sorted(reports),
+                   (datetime.now(UTC) - started).total_seconds())
     logger.info("site %s batch %s: %d files in, %d published, %d excluded, %d quarantined",
                 site_id, batch_id, counts["files_in"], counts["published"], counts["excluded"],
                 counts["quarantined"])

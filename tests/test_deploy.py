@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import re
 import subprocess
@@ -17,6 +18,7 @@ import duckdb
 import pytest
 import yaml
 
+from flows.batch_report import artifact_key
 from infra.services import BIN, ServiceUnavailable, prefect_server, prefect_worker
 from tests.conftest import consortium_config
 from tests.test_flow_e2e import expected_counts
@@ -76,6 +78,31 @@ async def read_deployment(api_url: str, name: str):
         return await client.read_deployment_by_name(name)
 
 
+async def read_batch_reports(api_url: str) -> dict[str, str]:
+    from prefect.client.orchestration import PrefectClient
+
+    async with PrefectClient(api_url) as client:
+        return {a.key: a.data for a in await client.read_artifacts()
+                if a.key and a.key.startswith("batch-")}
+
+
+def assert_report(markdown: str, release: Path, site_id: str, batch_id: str) -> None:
+    """The artifact's counts are the batch's run record; its steps and contact sheet exist."""
+    import pyarrow.parquet as pq
+
+    [run] = pq.read_table(release / f"catalog/runs/site_id={site_id}/batch_id={batch_id}"
+                          ).to_pylist()
+    counts = json.loads(run["counts"])
+    for key in ("files_in", "published", "excluded", "quarantined"):
+        assert f"| {key.replace('_', ' ')} | {counts[key]} |" in markdown
+    for reason, n in {**counts["excluded_by_reason"], **counts["quarantined_by_reason"]}.items():
+        assert f"| {reason} | {n} |" in markdown
+    steps = dict(re.findall(r"^\| (\w+) \| (\d+\.\d\d) \|$", markdown, re.M))
+    assert {"ingest", "deidentify", "qc", "verify", "publish"} <= set(steps)
+    [sheet] = re.findall(r"`([^`]+\.html)` in the release", markdown)
+    assert (release / sheet).is_file()
+
+
 def tree(root: Path, prefix: str) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted((root / prefix).rglob("*")) if p.is_file()}
@@ -128,6 +155,11 @@ def test_deploy_then_worker_runs_nightly_and_backfill(prefect_api, corpus, dask_
         assert all(set(r.parameters) == {"config", "site_id", "batch_id", "force", "scheduler"}
                    and r.parameters["config"] == str(config) for r in site_runs)
         assert run.parameters == {"config_path": str(config)}
+        reports = asyncio.run(read_batch_reports(api_url))
+        assert sorted(reports) == sorted(artifact_key(*c.split("/")) for c in complete)
+        for c in complete:
+            site_id, batch_id = c.split("/")
+            assert_report(reports[artifact_key(site_id, batch_id)], release, site_id, batch_id)
         catalog_before = tree(release, "catalog/instances")
         runs_before = set(tree(release, "catalog/runs"))
 
@@ -140,3 +172,59 @@ def test_deploy_then_worker_runs_nightly_and_backfill(prefect_api, corpus, dask_
     added = set(tree(release, "catalog/runs")) - runs_before
     assert len(added) == 1
     assert all(f"batch_id={BACKFILL_BATCH}/" in path for path in added)
+
+
+def test_a_normal_run_prints_a_short_summary(prefect_api, corpus, dask_scheduler, tmp_path):
+    """``radrepo run`` on three sites: the summary table and notes, at most 15 lines, and no
+    Prefect or Dask chatter (no dashboard is claimed: there is none)."""
+    api_url, home = prefect_api
+    corpus_dir, truth = corpus
+    config = tmp_path / "consortium.yaml"
+    config.write_text(yaml.safe_dump(consortium_config(
+        corpus_dir, truth, tmp_path / "release", tmp_path / "work", dask_scheduler)))
+    output = operator(["radrepo", "run", str(config)], api_url, home, tmp_path)
+    lines = output.splitlines()
+    assert 3 <= len(lines) <= 15, output
+    assert "published" in output and "dashboard" not in output
+    assert not [line for line in lines if " | INFO " in line or "distributed." in line]
+
+
+def test_progress_bars_show_on_a_terminal(prefect_api, corpus, dask_scheduler, tmp_path):
+    """On a terminal (a pty), ``radrepo run`` shows discovery, de-identification (files done of
+    total, files/s) and publication bars; in a pipe (above) it does not."""
+    import pty
+
+    api_url, home = prefect_api
+    corpus_dir, truth = corpus
+    flat_id, flat = next((k, v) for k, v in truth["sites"].items() if v["layout"] == "flat")
+    controller, terminal = pty.openpty()
+    env = {**os.environ, "PREFECT_API_URL": api_url, "PREFECT_HOME": str(home),
+           "PYTHONPATH": str(ROOT), "COLUMNS": "160"}
+    process = subprocess.Popen(
+        [str(BIN / "radrepo"), "run", "--source", f"{flat_id}={corpus_dir / flat['source']}",
+         "--release", str(tmp_path / "release"), "--work", str(tmp_path / "work")],
+        stdin=terminal, stdout=terminal, stderr=terminal, env=env, cwd=tmp_path)
+    os.close(terminal)
+    seen = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # the terminal closed: the process is done
+                break
+            if not chunk:
+                break
+            seen += chunk
+        assert process.wait(timeout=300) == 0, seen.decode(errors="replace")
+    finally:
+        if process.poll() is None:
+            process.kill()
+        os.close(controller)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", seen.decode(errors="replace"))
+    assert "discovery (sites)" in text and "publication (batches)" in text
+    files = [(int(a), int(b)) for a, b in re.findall(
+        r"de-identification \(files\)\W*(\d+)/(\d+)", text)]
+    total = max(b for _, b in files)
+    assert total >= len(flat["files"]) // 2 and (total, total) in files, text[-2000:]
+    assert re.search(r"\d+ files/s", text)
+    assert "published" in text
