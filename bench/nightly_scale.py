@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from infra.services import dask_cluster, prefect_server  # noqa: E402
 
-FULL_PATIENTS = 56  # per site: about 390 exams over three sites
+FULL_PATIENTS = 62  # per site: about 390 exams over three sites
 CT_SLICES = 150  # with the radiographs, about 21,000 files at full size
 SECRET = "bench-secret-not-for-real-data-0123456789"
 
