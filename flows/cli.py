@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import sys
@@ -81,14 +82,16 @@ def print_summaries(summaries: list[dict],
             "files_in", "published", "excluded", "quarantined")))
     console.print(table)
     for s in summaries:
-        if s.get("skipped_already_ingested"):
-            console.print(f"  {s['site_id']} {s['batch_id']}: {s['skipped_already_ingested']} "
-                          "objects skipped, already ingested", highlight=False, markup=False)
+        notes = [f"{s['skipped_already_ingested']} objects skipped, already ingested"
+                 ] if s.get("skipped_already_ingested") else []
         for label, key in (("excluded", "excluded_by_reason"),
                            ("quarantined", "quarantined_by_reason")):
-            for reason, n in (s.get(key) or {}).items():
-                console.print(f"  {s['site_id']} {s['batch_id']}: {n} {label}: {reason}",
-                              highlight=False, markup=False)
+            reasons = s.get(key) or {}
+            if reasons:
+                notes.append(f"{label}: " + ", ".join(f"{n} {r}" for r, n in reasons.items()))
+        if notes:
+            console.print(f"  {s['site_id']} {s['batch_id']}: " + "; ".join(notes),
+                          highlight=False, markup=False)
 
 
 def _data_errors() -> tuple[type[Exception], ...]:
@@ -129,13 +132,29 @@ def _check_key(config: RadrepoConfig, rekey: bool) -> None:
     check_release_key(release, keys_from_env(config.secret_env), config.secret_env, rekey)
 
 
-def _run_nightly(config: RadrepoConfig, sites: list[str] | None, batches: list[str] | None,
-                 force: bool, rekey: bool = False) -> list[dict]:
+def _sites_failed_error() -> type[Exception]:
+    from flows.nightly import SitesFailed
+
+    return SitesFailed
+
+
+def _run_nightly(config: RadrepoConfig, config_path: Path | None, sites: list[str] | None,
+                 batches: list[str] | None, force: bool, rekey: bool = False) -> list[dict]:
     from flows.nightly import nightly
+    from flows.progress import progress_bars
 
     _check_key(config, rekey)
     start_temporary_prefect_server()
-    return nightly(config, sites=sites, batches=batches, force=force)
+    with progress_bars(console, len(sites or config.sites)):
+        return nightly(config_path or config, sites=sites, batches=batches, force=force)
+
+
+def _sites_failed(err) -> None:
+    """The summary of every site, then one ``radrepo:`` line per failed site; exit 1."""
+    print_summaries(err.summaries)
+    for line in err.lines:
+        typer.echo(f"radrepo: {line}", err=True)
+    raise typer.Exit(1)
 
 
 @app.command()
@@ -187,11 +206,13 @@ def run(
             cfg.site(s)
         keys_from_env(cfg.secret_env)  # before anything is written to the work folder
         log = RunLog(cfg.work_dir)
-        summaries = _run_nightly(cfg, site, batch, force, rekey)
+        summaries = _run_nightly(cfg, config, site, batch, force, rekey)
     except (ConfigError, SecretError) as err:
         _fail(str(err), 2)
     except typer.Exit:
         raise
+    except _sites_failed_error() as err:
+        _sites_failed(err)
     except Exception as err:  # noqa: BLE001 - one line on the console, the rest in the log
         _fail_run(err, log)
     finally:
@@ -214,6 +235,7 @@ def backfill(
     from datetime import date
 
     from flows.nightly import backfill as backfill_flow
+    from flows.progress import progress_bars
     from flows.secret import keys_from_env
 
     try:
@@ -231,17 +253,45 @@ def backfill(
         log = RunLog(cfg.work_dir)
         _check_key(cfg, rekey)
         start_temporary_prefect_server()
-        summaries = backfill_flow(cfg, sites=site, batches=batch, since=days[0], until=days[1])
+        with progress_bars(console, len(site or cfg.sites)):
+            summaries = backfill_flow(config, sites=site, batches=batch, since=days[0],
+                                      until=days[1])
     except (ConfigError, SecretError) as err:
         _fail(str(err), 2)
     except typer.Exit:
         raise
+    except _sites_failed_error() as err:
+        _sites_failed(err)
     except Exception as err:  # noqa: BLE001 - one line on the console, the rest in the log
         _fail_run(err, log)
     finally:
         if log:
             log.close()
     print_summaries(summaries, empty="nothing to do: no batch matches")
+
+
+@app.command()
+def deploy(
+    config: Annotated[Path, typer.Argument(help="consortium YAML, read by every run")],
+) -> None:
+    """Register deployments nightly/nightly (on the config's schedule) and backfill/backfill
+    in the process work pool radrepo of the Prefect server at PREFECT_API_URL."""
+    from prefect.settings import PREFECT_API_URL
+
+    from flows import deploy as deployments
+
+    if not PREFECT_API_URL.value():
+        _fail("set PREFECT_API_URL to the Prefect server's API (e.g. http://127.0.0.1:4200/api)",
+              2)
+    try:
+        deployed = deployments.deploy(config)
+    except ConfigError as err:
+        _fail(str(err), 2)
+    for d in deployed:
+        console.print(f"deployment {d.name}: {d.schedule}, work pool {deployments.WORK_POOL}",
+                      highlight=False)
+    console.print(f"start a worker: prefect worker start --pool {deployments.WORK_POOL}",
+                  highlight=False)
 
 
 @app.command()
@@ -669,7 +719,7 @@ def demo(
         {"release": "release", "work_dir": "work", "sites": sites}, sort_keys=False))
     console.print(f"config: {config_path}", highlight=False)
     try:
-        summaries = _run_nightly(load_config(config_path), None, None, False)
+        summaries = _run_nightly(load_config(config_path), config_path, None, None, False)
     except (ConfigError, SecretError) as err:
         _fail(str(err), 2)
     print_summaries(summaries)
@@ -688,6 +738,9 @@ def main() -> None:
     """Console-script entry point."""
     # a temporary Prefect server must not try to phone home from an offline site network
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # the console shows radrepo's summary and warnings; Prefect's INFO lines still reach its API
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    logging.getLogger("distributed").setLevel(logging.WARNING)
     try:
         app()
     except KeyboardInterrupt:

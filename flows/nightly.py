@@ -1,79 +1,135 @@
-"""The nightly flow (every batch not yet published, one ``site_batch`` each) and the backfill
-flow (chosen batches again, on purpose)."""
+"""The nightly flow (every batch not yet published, sites side by side, one ``site_batch`` per
+batch) and the backfill flow (chosen batches again, on purpose).
+
+Both flows take the path of the consortium YAML and ids only, and read the configuration when
+they run: that is all a deployment stores and a worker passes on. Callers holding a parsed
+configuration use ``nightly``/``backfill``, which write it to the work folder first.
+"""
 
 from __future__ import annotations
 
+import contextvars
+import hashlib
+import os
 import re
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
+import yaml
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from flows import recovery
-from flows.cluster import dask_client
+from flows import progress, recovery
+from flows.cluster import local_cluster
 from flows.secret import check_release_key, keys_from_env
 from flows.site_batch import site_batch
-from schemas.config import RadrepoConfig, load_config
+from schemas.config import DaskConfig, RadrepoConfig, load_config
 from tasks import ingest
-from tasks.pacs import PacsUnavailable
 from tasks.publish import Release
 
+Wanted = Callable[[str], bool]
+Window = tuple[date | None, date | None] | None
+FAILED = "failed"
 
-def _run_batches(config: RadrepoConfig, sites: list[str] | None,
-                 wanted: Callable[[str], bool], force: bool,
-                 window: tuple[date | None, date | None] | None = None) -> list[dict[str, Any]]:
-    """Discover each chosen site's batches, keep the wanted ones, run ``site_batch`` on each.
 
-    A PACS site is asked for the studies in ``window`` when one is given, and all it
-    returns is wanted. A PACS that cannot be reached does not hold up the other sites: the
-    run ends with PacsUnavailable naming it once their batches are done."""
+class SitesFailed(RuntimeError):
+    """One or more sites failed; the others went on. Carries every site's summary rows."""
+
+    def __init__(self, summaries: list[dict[str, Any]]):
+        self.summaries = summaries
+        self.lines = [s["error"] for s in summaries if s["status"] == FAILED]
+        super().__init__("; ".join(self.lines))
+
+
+class SharedCluster:
+    """The run's Dask scheduler address: the configured one, or a local cluster started the
+    first time a site needs it and stopped when the run ends."""
+
+    def __init__(self, cfg: DaskConfig, stack: ExitStack):
+        self._cfg, self._stack, self._lock = cfg, stack, threading.Lock()
+        self._address: str | None = cfg.scheduler
+
+    def address(self) -> str:
+        with self._lock:
+            if self._address is None:
+                cluster = self._stack.enter_context(
+                    local_cluster(self._cfg.workers, self._cfg.threads_per_worker))
+                self._address = cluster.scheduler_address
+            return self._address
+
+
+def failure_line(site_id: str, err: Exception) -> str:
+    """What went wrong at a site, starting with ``site SITE_ID:``. radrepo's own exceptions are
+    written to quote no identifier; anything else is named by its type only."""
+    own = type(err).__module__.split(".")[0] in {"tasks", "flows", "schemas"}
+    message = str(err) if own and str(err) else f"failed ({type(err).__name__})"
+    return message if message.startswith(f"site {site_id}") else f"site {site_id}: {message}"
+
+
+def run_site(config_path: str, config: RadrepoConfig, site_id: str, wanted: Wanted,
+             force: bool, window: Window, cluster: SharedCluster) -> list[dict[str, Any]]:
+    """One site's share of a run: repair what a crash left (recovery.repair_site), discover
+    its batches, keep the wanted ones, run ``site_batch`` on each in order. Raises on the
+    first batch that fails."""
     logger = get_run_logger()
+    site = config.site(site_id)
     release = Release(config.release, config.release_storage_options)
-    check_release_key(release, keys_from_env(config.secret_env), config.secret_env)
-    chosen = [s for s in config.sites if not sites or s.site_id in sites]
-    plan: list[tuple[str, str]] = []
-    unreachable: list[str] = []
-    for site in chosen:
-        due = recovery.repair_site(config, release, site.site_id, str(flow_run.id or "local"))
-        plan += [(site.site_id, b) for b in due]  # a republish cut short, or a rekey
-        published = set() if force else {b for s, b in release.complete_batches()
-                                         if s == site.site_id}
-        try:
-            found = ingest.discover_batches(
-                site, config.work_dir, published, window,
-                notify=lambda note, site_id=site.site_id: logger.warning(
-                    "site %s: %s", site_id, note))
-        except PacsUnavailable as err:
-            logger.error("site %s: %s", site.site_id, err)
-            unreachable.append(f"site {site.site_id}: {err}")
-            continue
-        for batch in found:
-            if (wanted(batch.batch_id) or (batch.pacs and window is not None)) and (
-                    site.site_id, batch.batch_id) not in plan:
-                ingest.save_pending(batch, config.work_dir)
-                if force:  # a plain rerun finishes a republish this run does not
-                    recovery.mark_republish(config.work_dir, site.site_id, batch.batch_id)
-                plan.append((site.site_id, batch.batch_id))
-    logger.info("%d batch(es) to run across %d site(s)", len(plan), len(chosen))
+    plan = recovery.repair_site(config, release, site_id, str(flow_run.id or "local"))
+    published = set() if force else {b for s, b in release.complete_batches() if s == site_id}
+    found = ingest.discover_batches(
+        site, config.work_dir, published, window,
+        notify=lambda note: logger.warning("site %s: %s", site_id, note))
+    for batch in found:  # after the republishes cut short and the rekeys repair_site found
+        if (wanted(batch.batch_id) or (batch.pacs and window is not None)) and (
+                batch.batch_id not in plan):
+            ingest.save_pending(batch, config.work_dir)
+            if force:  # a plain rerun finishes a republish this run does not
+                recovery.mark_republish(config.work_dir, site_id, batch.batch_id)
+            plan.append(batch.batch_id)
+    if progress.current():
+        progress.current().discovered(len(plan))
     summaries = []
-    if plan:
-        with dask_client(config.dask) as client:
-            for site_id, batch_id in plan:
-                summaries.append(site_batch(config, site_id, batch_id, force=force,
-                                            scheduler=client.scheduler.address))
-    if unreachable:
-        raise PacsUnavailable("; ".join(unreachable))
+    for batch_id in plan:
+        summaries.append(site_batch.with_options(flow_run_name=f"{site_id}/{batch_id}")(
+            config_path, site_id, batch_id, force=force, scheduler=cluster.address()))
     return summaries
 
 
-@flow(name="nightly")
-def nightly(config: RadrepoConfig, sites: list[str] | None = None,
-            batches: list[str] | None = None, force: bool = False) -> list[dict[str, Any]]:
-    """Run every new batch of every (or the named) site; return one summary per batch."""
-    return _run_batches(config, sites, lambda b: not batches or b in batches, force)
+def _run_sites(config_path: str, sites: list[str] | None, wanted: Wanted, force: bool,
+               window: Window = None) -> list[dict[str, Any]]:
+    """Run each chosen site, at most ``max_parallel_sites`` at once; a site that fails ends
+    with a failed row and the others go on. Raises SitesFailed after all sites if any did."""
+    logger = get_run_logger()
+    config = load_config(Path(config_path))
+    release = Release(config.release, config.release_storage_options)
+    check_release_key(release, keys_from_env(config.secret_env), config.secret_env)
+    chosen = [s.site_id for s in config.sites if not sites or s.site_id in sites]
+
+    def one_site(site_id: str, cluster: SharedCluster) -> list[dict[str, Any]]:
+        try:
+            return run_site(config_path, config, site_id, wanted, force, window, cluster)
+        except Exception as err:  # noqa: BLE001 - a broken site must not stop the others
+            line = failure_line(site_id, err)
+            logger.error(line)
+            return [{"site_id": site_id, "batch_id": "", "status": FAILED, "error": line}]
+
+    with ExitStack() as stack, ThreadPoolExecutor(
+            max_workers=min(config.max_parallel_sites, len(chosen)) or 1,
+            thread_name_prefix="site") as pool:
+        cluster = SharedCluster(config.dask, stack)
+        futures = [pool.submit(contextvars.copy_context().run, one_site, site_id, cluster)
+                   for site_id in chosen]
+        summaries = [row for future in futures for row in future.result()]
+    done = sum(s["status"] != FAILED for s in summaries)
+    logger.info("%d batch(es) run across %d site(s)", done, len(chosen))
+    if any(s["status"] == FAILED for s in summaries):
+        raise SitesFailed(summaries)
+    return summaries
 
 
 def batch_date(batch_id: str) -> date | None:
@@ -85,10 +141,17 @@ def batch_date(batch_id: str) -> date | None:
         return None
 
 
-@flow(name="backfill")
-def backfill(config: RadrepoConfig, sites: list[str] | None = None,
-             batches: list[str] | None = None, since: date | None = None,
-             until: date | None = None) -> list[dict[str, Any]]:
+@flow(name="nightly", persist_result=False)
+def nightly_flow(config_path: str, sites: list[str] | None = None,
+                 batches: list[str] | None = None, force: bool = False) -> list[dict[str, Any]]:
+    """Run every new batch of every (or the named) site; return one summary per batch."""
+    return _run_sites(config_path, sites, lambda b: not batches or b in batches, force)
+
+
+@flow(name="backfill", persist_result=False)
+def backfill_flow(config_path: str, sites: list[str] | None = None,
+                  batches: list[str] | None = None, since: date | None = None,
+                  until: date | None = None) -> list[dict[str, Any]]:
     """Run the named batches, or those whose date lies in ``since..until``, again on purpose.
 
     Published batches are redone; identical output is not rewritten and each run adds a run
@@ -106,11 +169,34 @@ def backfill(config: RadrepoConfig, sites: list[str] | None = None,
             since is None or day >= since) and (until is None or day <= until)
 
     window = (since, until) if since is not None or until is not None else None
-    return _run_batches(config, sites, wanted, force=True, window=window)
+    return _run_sites(config_path, sites, wanted, force=True, window=window)
 
 
-@flow(name="nightly-from-file")
-def nightly_from_file(config_path: str, sites: list[str] | None = None,
-                      batches: list[str] | None = None) -> list[dict[str, Any]]:
-    """``nightly`` over a consortium YAML read at run time: the entry point for deployments."""
-    return nightly(load_config(Path(config_path)), sites, batches)
+def config_file(config: RadrepoConfig | str | Path) -> str:
+    """The absolute path of a configuration file for ``config``: the file itself, or for a
+    parsed configuration a copy written (once, by content) to the private work folder."""
+    if not isinstance(config, RadrepoConfig):
+        return str(Path(config).resolve())
+    text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)  # order is meaning
+    path = Path(config.work_dir) / "configs" / (
+        hashlib.sha256(text.encode()).hexdigest()[:16] + ".yaml")
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+        partial.write_text(text)
+        partial.chmod(0o600)
+        partial.replace(path)
+    return str(path)
+
+
+def nightly(config: RadrepoConfig | str | Path, sites: list[str] | None = None,
+            batches: list[str] | None = None, force: bool = False) -> list[dict[str, Any]]:
+    """The nightly flow over a parsed configuration or a configuration file."""
+    return nightly_flow(config_file(config), sites, batches, force)
+
+
+def backfill(config: RadrepoConfig | str | Path, sites: list[str] | None = None,
+             batches: list[str] | None = None, since: date | None = None,
+             until: date | None = None) -> list[dict[str, Any]]:
+    """The backfill flow over a parsed configuration or a configuration file."""
+    return backfill_flow(config_file(config), sites, batches, since, until)

@@ -8,22 +8,25 @@ header value, because Prefect stores parameters on its server.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from flows import recovery
+from flows import progress, recovery
+from flows.batch_report import STEP_SECONDS, publish_report, timed
 from flows.cluster import dask_client
 from flows.secret import check_release_key, keys_from_env
 from schemas.catalog import CLINICAL, RUNS
-from schemas.config import RadrepoConfig, SourceConfig
-from schemas.pipeline import DEIDENTIFIED_CLINICAL
+from schemas.config import RadrepoConfig, SourceConfig, load_config
+from schemas.pipeline import DEIDENTIFIED_CLINICAL, OK
 from tasks import catalog, clinical, dedupe, ingest, qc, verify
 from tasks import publish as publishing
 from tasks.contact_sheet import contact_sheet
@@ -38,7 +41,11 @@ from tasks.deidentify.keys import PseudonymKeys
 from tasks.deidentify.profile import load_profile
 from tasks.kill_point import kill_point
 
-step = task(cache_policy=NO_CACHE, persist_result=False)
+
+def step(name: str) -> Callable:
+    """A Prefect task, not cached or persisted, whose seconds go on the batch's clock."""
+    return lambda fn: task(name=name, cache_policy=NO_CACHE, persist_result=False)(
+        timed(name, fn))
 
 
 class BatchNotFound(LookupError):
@@ -54,15 +61,19 @@ def ingest_step(batch: ingest.BatchRef, source: SourceConfig,
 @step(name="deidentify")
 def deidentify_step(index: pa.Table, ctx: DeidContext, identifiers_path: str,
                     scheduler: str | None, config: RadrepoConfig) -> pa.Table:
+    bars = progress.current()
+    if bars:
+        bars.files_found(pc.sum(pc.equal(index["status"], OK)).as_py() or 0)
     with dask_client(config.dask, scheduler) as client:
-        return deidentify_batch(index, ctx, identifiers_path, client)
+        return deidentify_batch(index, ctx, identifiers_path, client,
+                                bars.files_done if bars else None)
 
 
 @step(name="gate_files")
-def gate_files_step(deidentified: pa.Table, identifiers_path: str) -> pa.Table:
-    """Quarantine each file the cleaner could not make safe (``gate: <element>``); the rest of
-    the batch goes on to QC and the catalog."""
-    matcher = verify.read_identifiers([Path(identifiers_path)])
+def gate_files_step(deidentified: pa.Table, work_dir: str, site_id: str) -> pa.Table:
+    """Quarantine each file the cleaner could not make safe (``gate: <element>``) against
+    every identifier met at the site; the rest of the batch goes on to QC and the catalog."""
+    matcher = verify.read_identifiers(ingest.site_identifier_files(work_dir, site_id))
     return verify.gate_deidentified(deidentified, matcher)
 
 
@@ -173,12 +184,17 @@ def _run_table(run_id: str, site_profile: str, started: datetime, counts: dict) 
 
 
 @flow(name="site_batch", persist_result=False)
-def site_batch(config: RadrepoConfig, site_id: str, batch_id: str, force: bool = False,
+def site_batch(config: RadrepoConfig | str, site_id: str, batch_id: str, force: bool = False,
                scheduler: str | None = None) -> dict[str, Any]:
     """Take one batch of one site from its source to a published, COMPLETE release batch,
-    holding the site's lock (one writer per site)."""
+    holding the site's lock (one writer per site).
+
+    ``config`` is a parsed configuration or the path of its file (what flow runs record)."""
+    if isinstance(config, str):
+        config = load_config(Path(config))
     release = publishing.Release(config.release, config.release_storage_options)
     started = datetime.now(UTC)
+    STEP_SECONDS.set({})
     keys = keys_from_env(config.secret_env)
     key_check = check_release_key(release, keys, config.secret_env)
     run_id = str(flow_run.id or f"local-{started:%Y%m%dT%H%M%S}")
@@ -212,7 +228,7 @@ def _take_batch(config: RadrepoConfig, release: publishing.Release, keys: Pseudo
     identifiers_path = str(Path(config.work_dir) / site_id / "index"
                            / f"{batch_id}.identifiers.parquet")
     deidentified = deidentify_step(ingested.index, ctx, identifiers_path, scheduler, config)
-    deidentified = gate_files_step(deidentified, identifiers_path)
+    deidentified = gate_files_step(deidentified, config.work_dir, site_id)
     kill_point("after:deidentify")
     ingest.quarantine_later(ingested.index, deidentified, "deidentify", config.work_dir,
                             site_id, batch_id)
@@ -247,6 +263,10 @@ def _take_batch(config: RadrepoConfig, release: publishing.Release, keys: Pseudo
     result = publish_step(release, site_id, batch_id, assembled, deidentified, run, run_id,
                           reports, key_check)
     recovery.finish_batch(config, release, site_id, batch_id, run_id)
+    if progress.current():
+        progress.current().published()
+    publish_report(site_id, batch_id, counts, STEP_SECONDS.get() or {}, sorted(reports),
+                   (datetime.now(UTC) - started).total_seconds())
     logger.info("site %s batch %s: %d files in, %d published, %d excluded, %d quarantined",
                 site_id, batch_id, counts["files_in"], counts["published"], counts["excluded"],
                 counts["quarantined"])

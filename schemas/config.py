@@ -185,6 +185,29 @@ class DaskConfig(Strict):
     local_directory: str | None = None
 
 
+class ScheduleConfig(Strict):
+    """When the ``nightly`` deployment runs: a cron line read in an IANA time zone."""
+
+    cron: str = "0 2 * * *"
+    timezone: str = "UTC"
+
+    @field_validator("cron")
+    @classmethod
+    def _five_fields(cls, cron: str) -> str:
+        if len(cron.split()) != 5:
+            raise ValueError("expected five cron fields, e.g. '0 2 * * *'")
+        return cron
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, timezone: str) -> str:
+        from zoneinfo import available_timezones
+
+        if timezone not in available_timezones():
+            raise ValueError(f"unknown time zone {timezone!r}")
+        return timezone
+
+
 class DeidConfig(Strict):
     profile: Literal["basic"] = "basic"
     options: tuple[
@@ -214,6 +237,8 @@ class RadrepoConfig(Strict):
     lock_wait_seconds: float = Field(default=300.0, ge=0)
     # an object-store release's site lease expires this long after its last renewal
     lease_seconds: float = Field(default=300.0, ge=5)
+    schedule: ScheduleConfig = ScheduleConfig()
+    max_parallel_sites: int = Field(default=2, ge=1)  # sites a nightly run works on at once
     sites: list[SiteConfig] = Field(min_length=1)
     # research PACS that `radrepo push --to NAME` sends the release's complete batches to
     research_pacs: dict[str, ResearchPacsConfig] = Field(default_factory=dict)

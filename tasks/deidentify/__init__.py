@@ -7,6 +7,7 @@ files written to the staging folder) carries pseudonyms only.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -50,19 +51,29 @@ IDENTIFIERS = pa.schema([("value", pa.string())])
 
 
 def deidentify_batch(index: pa.Table, ctx: DeidContext, identifiers_path: str,
-                     client=None) -> pa.Table:
+                     client=None, files_done: Callable[[int], None] | None = None) -> pa.Table:
     """De-identify every readable object of a batch; one Dask task per study when ``client``.
 
     The identifying values met on the way go to ``identifiers_path`` in the private zone, for
     the verification gate; the returned table holds pseudonymized values only.
+    ``files_done(n)`` is told each time a study of ``n`` files is done (a progress bar).
     """
     Path(ctx.out_dir).mkdir(parents=True, exist_ok=True)
     groups = study_groups(index)
+    tell = files_done or (lambda n: None)
     if client is None:
-        results = [deidentify_study(g, ctx) for g in groups]
+        results = []
+        for group in groups:
+            results.append(deidentify_study(group, ctx))
+            tell(len(group))
     else:
+        from distributed import as_completed
+
         [ctx_future] = client.scatter([ctx], broadcast=True)
         futures = client.map(deidentify_study, groups, ctx=ctx_future, pure=False)
+        sizes = {f.key: len(g) for f, g in zip(futures, groups, strict=True)}
+        for future in as_completed(futures):
+            tell(sizes[future.key])
         results = client.gather(futures)
     rows = sorted((r for study in results for r in study.rows), key=lambda r: r["seq"])
     seen = sorted(set().union(*(study.identifiers for study in results)))
