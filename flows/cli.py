@@ -149,10 +149,14 @@ def _run_nightly(config: RadrepoConfig, config_path: Path | None, sites: list[st
         return nightly(config_path or config, sites=sites, batches=batches, force=force)
 
 
-def _sites_failed(err) -> None:
-    """The summary of every site, then one ``radrepo:`` line per failed site; exit 1."""
+def _sites_failed(err, log: RunLog | None) -> None:
+    """The summary of every site, then one ``radrepo:`` line per failed site, saying where its
+    traceback is (the run's log file, in the work folder); exit 1."""
     print_summaries(err.summaries)
-    for line in err.lines:
+    failed = [s for s in err.summaries if s["status"] == "failed"]
+    for row in failed:
+        cause = err.errors.get(row["site_id"])
+        line = log.failure(cause, row["error"]) if log and cause else row["error"]
         typer.echo(f"radrepo: {line}", err=True)
     raise typer.Exit(1)
 
@@ -212,7 +216,7 @@ def run(
     except typer.Exit:
         raise
     except _sites_failed_error() as err:
-        _sites_failed(err)
+        _sites_failed(err, log)
     except Exception as err:  # noqa: BLE001 - one line on the console, the rest in the log
         _fail_run(err, log)
     finally:
@@ -261,7 +265,7 @@ def backfill(
     except typer.Exit:
         raise
     except _sites_failed_error() as err:
-        _sites_failed(err)
+        _sites_failed(err, log)
     except Exception as err:  # noqa: BLE001 - one line on the console, the rest in the log
         _fail_run(err, log)
     finally:

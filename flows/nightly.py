@@ -38,11 +38,15 @@ FAILED = "failed"
 
 
 class SitesFailed(RuntimeError):
-    """One or more sites failed; the others went on. Carries every site's summary rows."""
+    """One or more sites failed; the others went on. Carries every site's summary rows, and
+    each failed site's exception (in this process only: its traceback is for the private
+    log, never for a message or Prefect's state)."""
 
-    def __init__(self, summaries: list[dict[str, Any]]):
+    def __init__(self, summaries: list[dict[str, Any]],
+                 errors: dict[str, BaseException] | None = None):
         self.summaries = summaries
         self.lines = [s["error"] for s in summaries if s["status"] == FAILED]
+        self.errors = dict(errors or {})
         super().__init__("; ".join(self.lines))
 
 
@@ -110,12 +114,15 @@ def _run_sites(config_path: str, sites: list[str] | None, wanted: Wanted, force:
     check_release_key(release, keys_from_env(config.secret_env), config.secret_env)
     chosen = [s.site_id for s in config.sites if not sites or s.site_id in sites]
 
+    errors: dict[str, BaseException] = {}
+
     def one_site(site_id: str, cluster: SharedCluster) -> list[dict[str, Any]]:
         try:
             return run_site(config_path, config, site_id, wanted, force, window, cluster)
         except Exception as err:  # noqa: BLE001 - a broken site must not stop the others
             line = failure_line(site_id, err)
             logger.error(line)
+            errors[site_id] = err
             return [{"site_id": site_id, "batch_id": "", "status": FAILED, "error": line}]
 
     with ExitStack() as stack, ThreadPoolExecutor(
@@ -128,7 +135,7 @@ def _run_sites(config_path: str, sites: list[str] | None, wanted: Wanted, force:
     done = sum(s["status"] != FAILED for s in summaries)
     logger.info("%d batch(es) run across %d site(s)", done, len(chosen))
     if any(s["status"] == FAILED for s in summaries):
-        raise SitesFailed(summaries)
+        raise SitesFailed(summaries, errors)
     return summaries
 
 

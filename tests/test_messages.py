@@ -70,7 +70,6 @@ def _one_clean_line(done: subprocess.CompletedProcess, expected: str, work: Path
     assert done.returncode == 1, done.stderr
     console = done.stdout + done.stderr
     assert "Traceback" not in console
-    assert "Finished in state Failed" in console  # Prefect's own lines still show, plainly
     for value in PLANTED:
         assert value.lower() not in console.lower(), value
     ours = [line for line in done.stderr.splitlines() if line.startswith("radrepo:")]

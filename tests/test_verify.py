@@ -132,5 +132,5 @@ def test_run_command_reports_the_gate_quarantine_without_the_value(prefect_serve
                                  "--release", str(tmp_path / "release"),
                                  "--work", str(tmp_path / "work")])
     assert result.exit_code == 0, result.output
-    assert "1 quarantined: gate: ManufacturerModelName" in result.output
+    assert "quarantined: 1 gate: ManufacturerModelName" in result.output
     assert "ROE" not in result.output and "RICHARD" not in result.output
