@@ -6,6 +6,8 @@ import logging
 import os
 import secrets
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -161,6 +163,32 @@ def _sites_failed(err, log: RunLog | None) -> None:
     raise typer.Exit(1)
 
 
+class _Run:
+    log: RunLog | None = None
+
+
+@contextmanager
+def _run_errors() -> Iterator[_Run]:
+    """The error handling of ``run`` and ``backfill``: a config or secret error exits 2; failed
+    sites print the summary and one line each (exit 1); any other error one line (exit 1), its
+    traceback in the run's log (set ``.log`` on the yielded object once it is open), closed at
+    the end."""
+    run = _Run()
+    try:
+        yield run
+    except (ConfigError, SecretError) as err:
+        _fail(str(err), 2)
+    except typer.Exit:
+        raise
+    except _sites_failed_error() as err:
+        _sites_failed(err, run.log)
+    except Exception as err:  # noqa: BLE001 - one line on the console, the rest in the log
+        _fail_run(err, run.log)
+    finally:
+        if run.log:
+            run.log.close()
+
+
 @app.command()
 def synth(
     out: Annotated[Path, typer.Argument(help="folder to write the synthetic sites into")],
@@ -196,8 +224,7 @@ def run(
     work: Annotated[Path | None, typer.Option(help="private work folder (no CONFIG)")] = None,
 ) -> None:
     """Run every new batch (nightly), or the named sites/batches."""
-    log = None
-    try:
+    with _run_errors() as guard:
         if config is not None:
             if source or clinical or remap or release or work:
                 _fail("give either a CONFIG file or --source/--release/--work, not both", 2)
@@ -209,19 +236,8 @@ def run(
         for s in site or []:
             cfg.site(s)
         keys_from_env(cfg.secret_env)  # before anything is written to the work folder
-        log = RunLog(cfg.work_dir)
+        guard.log = RunLog(cfg.work_dir)
         summaries = _run_nightly(cfg, config, site, batch, force, rekey)
-    except (ConfigError, SecretError) as err:
-        _fail(str(err), 2)
-    except typer.Exit:
-        raise
-    except _sites_failed_error() as err:
-        _sites_failed(err, log)
-    except Exception as err:  # noqa: BLE001 - one line on the console, the rest in the log
-        _fail_run(err, log)
-    finally:
-        if log:
-            log.close()
     print_summaries(summaries)
 
 
@@ -248,29 +264,17 @@ def backfill(
         _fail("--since/--until take a date as YYYY-MM-DD", 2)
     if not batch and days == [None, None]:
         _fail("name --batch ids or a --since/--until window", 2)
-    log = None
-    try:
+    with _run_errors() as guard:
         cfg = load_config(config)
         for s in site or []:
             cfg.site(s)
         keys_from_env(cfg.secret_env)
-        log = RunLog(cfg.work_dir)
+        guard.log = RunLog(cfg.work_dir)
         _check_key(cfg, rekey)
         start_temporary_prefect_server()
         with progress_bars(console, len(site or cfg.sites)):
             summaries = backfill_flow(config, sites=site, batches=batch, since=days[0],
                                       until=days[1])
-    except (ConfigError, SecretError) as err:
-        _fail(str(err), 2)
-    except typer.Exit:
-        raise
-    except _sites_failed_error() as err:
-        _sites_failed(err, log)
-    except Exception as err:  # noqa: BLE001 - one line on the console, the rest in the log
-        _fail_run(err, log)
-    finally:
-        if log:
-            log.close()
     print_summaries(summaries, empty="nothing to do: no batch matches")
 
 
