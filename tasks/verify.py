@@ -282,7 +282,12 @@ def scan_text(where: str, lines: Iterable[str], matcher: IdentifierMatcher) -> l
 
 def check_structure(source: DicomSource, shown_as: str, profile: Profile) -> list[Finding]:
     """What the profile promises about any output file, checked without knowing the source."""
-    ds = dcmread(BytesIO(header_bytes(source)))  # pixels left out: elements after them read
+    return check_header(header_bytes(source), shown_as, profile)
+
+
+def check_header(data: bytes, shown_as: str, profile: Profile) -> list[Finding]:
+    """``check_structure`` of a header ``header_bytes`` has already read."""
+    ds = dcmread(BytesIO(data))  # pixels left out: elements after them read
     out = []
 
     def bad(element: str, what: str) -> None:
@@ -357,7 +362,7 @@ def scan_release_files(release: Release, matcher: IdentifierMatcher | None,
                 except MalformedDataset:
                     findings.append(Finding(rel, "file", "not an explicit VR DICOM file"))
                     continue
-            findings += check_structure(BytesIO(data), rel, profile)
+            findings += check_header(data, rel, profile)
             if matcher is not None:
                 findings += scan_header(data, rel, matcher)
     if matcher is not None:

@@ -106,10 +106,11 @@ def collect_identifiers(buf: memoryview, raws: list[Raw], encodings: list[str],
         if r.value_end == r.value_start or not (vr == b"PN" or r.tag in ID_TAGS
                                                  or r.tag == BIRTH_DATE):
             continue
+        raw = bytes(buf[r.value_start:r.value_end])
         try:
-            readings = text_readings(bytes(buf[r.value_start:r.value_end]), tuple(charset), vr)
-        except (LookupError, ValueError):
-            continue
+            readings = text_readings(raw, tuple(charset), vr)
+        except (LookupError, ValueError):  # judged as written, as the gate reads it
+            readings = (raw.decode("latin-1").rstrip("\0 "),)
         for value in (v for text in readings for v in text.split("\\")):
             value = value.strip()
             if not value:
