@@ -15,12 +15,14 @@ import functools
 import hashlib
 import hmac
 import json
+import lzma
 import os
 import re
 import secrets
 import shutil
 import stat
 import zipfile
+import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -618,7 +620,7 @@ def _ingest_zip(objects: _Objects, raw: BinaryIO, key: str, local_path: str | No
                 if info.is_dir():
                     continue
                 _ingest_member(objects, archive, info, key)
-    except (zipfile.BadZipFile, EOFError, OSError) as err:
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as err:  # bad UTF-8 name
         objects.quarantine(key, f"corrupt zip archive ({type(err).__name__})", local_path)
 
 
@@ -638,7 +640,8 @@ def _ingest_member(objects: _Objects, archive, info: zipfile.ZipInfo, zip_key: s
     try:
         with archive.open(info) as member:
             size, digest = _stream_to(member, staged)
-    except (zipfile.BadZipFile, EOFError, OSError, RuntimeError) as err:
+    except (zipfile.BadZipFile, EOFError, OSError, RuntimeError, zlib.error,
+            lzma.LZMAError) as err:  # a corrupt compressed stream raises zlib/lzma errors
         staged.unlink(missing_ok=True)
         objects.quarantine(key, f"corrupt zip entry ({type(err).__name__})", **extra)
         return
