@@ -190,6 +190,9 @@ def _walk_local(root: str) -> dict[str, dict]:
                 info = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue  # gone between listing and looking: nothing there to account for
+            except OSError as err:  # e.g. a path too long to look at: quarantined, not fatal
+                out[key] = {"size": 0, "mtime": 0, "problem": _unreadable(err)}
+                continue
             size, mtime = info.st_size, info.st_mtime
             if stat.S_ISDIR(info.st_mode):
                 pending.append([*parts, name])

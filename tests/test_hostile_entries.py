@@ -330,3 +330,23 @@ def test_a_zip_with_a_corrupt_stream_or_a_bad_member_name_is_quarantined(tmp_pat
     rows = ingest.ingest_batch(batch, cfg.source, work).index.to_pylist()
     assert {r["key"]: r["status"] for r in rows}["good.dcm"] == "ok"
     assert reason in [r["reason"] for r in rows if r["key"].startswith("bad.zip")]
+
+
+def test_an_entry_too_deep_to_look_at_is_quarantined_not_fatal(tmp_path):
+    src, work = tmp_path / "src", str(tmp_path / "work")
+    src.mkdir()
+    identified_ct(src / "good.dcm", sop="1.2.81.1")
+    fd = os.open(src, os.O_RDONLY)
+    depth = 0
+    while len(str(src)) + (depth + 1) * 201 < os.pathconf(src, "PC_PATH_MAX") - 100:
+        os.mkdir("d" * 200, dir_fd=fd)
+        fd = os.open("d" * 200, os.O_RDONLY, dir_fd=fd)
+        depth += 1
+    os.close(os.open("f" * 250, os.O_CREAT | os.O_WRONLY, dir_fd=fd))  # its path is too long
+    os.close(fd)
+    cfg = _site("flat", src)
+    [batch] = ingest.discover_batches(cfg, work, set())
+    rows = ingest.ingest_batch(batch, cfg.source, work).index.to_pylist()
+    assert {r["key"]: r["status"] for r in rows}["good.dcm"] == "ok"
+    assert [r["reason"] for r in rows if r["key"].endswith("f" * 250)] == [
+        "unreadable (OSError)"]
