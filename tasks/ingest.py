@@ -15,12 +15,14 @@ import functools
 import hashlib
 import hmac
 import json
+import lzma
 import os
 import re
 import secrets
 import shutil
 import stat
 import zipfile
+import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -188,6 +190,9 @@ def _walk_local(root: str) -> dict[str, dict]:
                 info = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue  # gone between listing and looking: nothing there to account for
+            except OSError as err:  # e.g. a path too long to look at: quarantined, not fatal
+                out[key] = {"size": 0, "mtime": 0, "problem": _unreadable(err)}
+                continue
             size, mtime = info.st_size, info.st_mtime
             if stat.S_ISDIR(info.st_mode):
                 pending.append([*parts, name])
@@ -618,7 +623,7 @@ def _ingest_zip(objects: _Objects, raw: BinaryIO, key: str, local_path: str | No
                 if info.is_dir():
                     continue
                 _ingest_member(objects, archive, info, key)
-    except (zipfile.BadZipFile, EOFError, OSError) as err:
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as err:  # bad UTF-8 name
         objects.quarantine(key, f"corrupt zip archive ({type(err).__name__})", local_path)
 
 
@@ -638,7 +643,8 @@ def _ingest_member(objects: _Objects, archive, info: zipfile.ZipInfo, zip_key: s
     try:
         with archive.open(info) as member:
             size, digest = _stream_to(member, staged)
-    except (zipfile.BadZipFile, EOFError, OSError, RuntimeError) as err:
+    except (zipfile.BadZipFile, EOFError, OSError, RuntimeError, zlib.error,
+            lzma.LZMAError) as err:  # a corrupt compressed stream raises zlib/lzma errors
         staged.unlink(missing_ok=True)
         objects.quarantine(key, f"corrupt zip entry ({type(err).__name__})", **extra)
         return

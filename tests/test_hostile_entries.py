@@ -4,6 +4,7 @@ with a reason under an opaque id, and the rest of the batch goes on; discovery n
 from __future__ import annotations
 
 import os
+import random
 import socket
 import stat
 import subprocess
@@ -291,3 +292,61 @@ def test_on_s3_an_object_that_vanishes_is_quarantined_and_a_missing_prefix_is_on
     with pytest.raises(SourceUnavailable) as caught:
         ingest.discover_batches(gone, work, set())
     assert str(caught.value) == "site s1: the source folder is missing or unreadable"
+
+
+def _corrupt_deflate_zip(path: Path) -> None:
+    import zipfile
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("a.dcm", random.Random(0).randbytes(10000) * 2)
+    data = bytearray(path.read_bytes())
+    start = data.find(b"a.dcm") + len("a.dcm")
+    for i in range(start + 2, start + 20):  # inside the deflate stream of the one member
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _bad_utf8_name_zip(path: Path) -> None:
+    import zipfile
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("ab.dcm", b"x")
+    data = bytearray(path.read_bytes().replace(b"ab.dcm", b"\xff\xfe.dcm"))
+    central = data.find(b"PK\x01\x02")
+    data[central + 9] |= 0x08  # the UTF-8 name flag, on a name that is not UTF-8
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("make, reason", [
+    (_corrupt_deflate_zip, "corrupt zip entry (error)"),
+    (_bad_utf8_name_zip, "corrupt zip archive (UnicodeDecodeError)"),
+])
+def test_a_zip_with_a_corrupt_stream_or_a_bad_member_name_is_quarantined(tmp_path, make,
+                                                                         reason):
+    src, work = tmp_path / "src", str(tmp_path / "work")
+    src.mkdir()
+    identified_ct(src / "good.dcm", sop="1.2.80.1")
+    make(src / "bad.zip")
+    cfg = _site("flat", src)
+    [batch] = ingest.discover_batches(cfg, work, set())
+    rows = ingest.ingest_batch(batch, cfg.source, work).index.to_pylist()
+    assert {r["key"]: r["status"] for r in rows}["good.dcm"] == "ok"
+    assert reason in [r["reason"] for r in rows if r["key"].startswith("bad.zip")]
+
+
+def test_an_entry_too_deep_to_look_at_is_quarantined_not_fatal(tmp_path):
+    src, work = tmp_path / "src", str(tmp_path / "work")
+    src.mkdir()
+    identified_ct(src / "good.dcm", sop="1.2.81.1")
+    fd = os.open(src, os.O_RDONLY)
+    depth = 0
+    while len(str(src)) + (depth + 1) * 201 < os.pathconf(src, "PC_PATH_MAX") - 100:
+        os.mkdir("d" * 200, dir_fd=fd)
+        fd = os.open("d" * 200, os.O_RDONLY, dir_fd=fd)
+        depth += 1
+    os.close(os.open("f" * 250, os.O_CREAT | os.O_WRONLY, dir_fd=fd))  # its path is too long
+    os.close(fd)
+    cfg = _site("flat", src)
+    [batch] = ingest.discover_batches(cfg, work, set())
+    rows = ingest.ingest_batch(batch, cfg.source, work).index.to_pylist()
+    assert {r["key"]: r["status"] for r in rows}["good.dcm"] == "ok"
+    assert [r["reason"] for r in rows if r["key"].endswith("f" * 250)] == [
+        "unreadable (OSError)"]
