@@ -207,6 +207,14 @@ def _write_pointer(release: Release, name: str) -> None:
     release.write_bytes(f"{RELEASES_DIR}/{CURRENT}", f"{name}\n".encode())
 
 
+def _repair_pointer(release: Release, name: str) -> None:
+    """A run killed between CHECKSUM and the pointer left ``current`` on an older release:
+    when ``name`` is the newest frozen release, point ``current`` at it (so a rerun mends)."""
+    releases = list_releases(release)
+    if releases and releases[-1]["name"] == name:
+        _write_pointer(release, name)
+
+
 def create_release(release: Release, name: str, where: str | None = None,
                    description: str | None = None, requester: str | None = None) -> FrozenRelease:
     """Freeze the studies of the COMPLETE batches that ``where`` keeps into releases/<name>/."""
@@ -214,6 +222,7 @@ def create_release(release: Release, name: str, where: str | None = None,
 
     check_name(name)
     if is_frozen(release, name):
+        _repair_pointer(release, name)
         raise ReleaseExists(f"a frozen release named {name!r} exists; releases are never "
                             "rewritten: choose another name")
     where_text = where if where is not None else ALL_STUDIES

@@ -172,15 +172,16 @@ class Release:
     def write_bytes(self, relative: str, data: bytes, atomic: bool = False) -> bool:
         """Write unless the same bytes are already there; True when something was written.
 
-        Files no current version names are written in place (a crash leaves a file only a
-        manifest that is not current lists). ``atomic`` is for the files readers trust at
-        once (COMPLETE, KEY-CHECK): a local one is written beside and renamed over; a PUT to
-        an object store replaces the object whole."""
+        Files no current version names may be written in place on an object store (a crash
+        leaves a file only a manifest that is not current lists). A local file is always
+        written beside and renamed over, never truncated: the path may be a hard link a frozen
+        release holds, whose bytes must not change. ``atomic`` marks the files readers trust at
+        once (COMPLETE, KEY-CHECK); a PUT to an object store replaces the object whole."""
         if self.read_bytes(relative) == data:
             return False
         target = self.path(relative)
         self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-        if self.local and atomic:
+        if self.local:  # a rename, never an in-place truncate (see above)
             tmp = f"{target}{TEMPORARY}{os.getpid()}"
             Path(tmp).write_bytes(data)
             os.replace(tmp, target)

@@ -262,3 +262,15 @@ def test_a_file_removed_before_it_is_frozen_stops_the_creation(release):
     assert result.exit_code == 1
     assert f"{path} was removed while it was being frozen" in result.output
     assert not (release / "releases" / "v1" / "CHECKSUM").exists()
+
+
+def test_a_rerun_after_a_kill_before_the_pointer_moves_current(release):
+    assert cli("release", "create", release, "v1", "--where", POSITIVE_CT).exit_code == 0
+    assert cli("release", "create", release, "v2", "--where", POSITIVE_CT).exit_code == 0
+    pointer = release / "releases" / "current"
+    pointer.write_text("v1\n")  # as if killed after v2's CHECKSUM, before the pointer
+    again = cli("release", "create", release, "v2", "--where", POSITIVE_CT)
+    assert again.exit_code != 0  # still never rewritten
+    assert pointer.read_text() == "v2\n"
+    cli("release", "create", release, "v1", "--where", POSITIVE_CT)
+    assert pointer.read_text() == "v2\n"  # an older release never takes the pointer back
