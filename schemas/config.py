@@ -52,27 +52,38 @@ class PacsSourceConfig(Strict):
     timeout_seconds: float = Field(default=60.0, gt=0)
 
 
-class DimseSourceConfig(PacsSourceConfig):
-    """A PACS reached by C-FIND and C-MOVE to radrepo's own storage SCP."""
+class DimsePeer(Strict):
+    """A PACS reached by DIMSE: the fields a DIMSE source and a DIMSE research PACS share."""
 
     kind: Literal["dimse"]
     host: str
     port: int = Field(ge=1, le=65535)
     called_ae: str = Field(min_length=1, max_length=16)
     calling_ae: str = Field(default="RADREPO", min_length=1, max_length=16)
+    timeout_seconds: float = Field(default=60.0, gt=0)
+
+
+class DicomWebPeer(Strict):
+    """A PACS reached by DICOMweb: the fields a DICOMweb source and research PACS share."""
+
+    kind: Literal["dicomweb"]
+    url: str = Field(pattern=r"^https?://[^/\s]+")  # the DICOMweb root: http://pacs:8042/dicom-web
+    username: str | None = None
+    password_env: str | None = None  # the environment variable holding the password
+    timeout_seconds: float = Field(default=60.0, gt=0)
+
+
+class DimseSourceConfig(PacsSourceConfig, DimsePeer):
+    """A PACS reached by C-FIND and C-MOVE to radrepo's own storage SCP."""
+
     # where radrepo's storage SCP listens for the PACS's C-STORE; the PACS must know
     # calling_ae at this address as a C-MOVE destination
     storage_host: str = "127.0.0.1"
     storage_port: int = Field(ge=1, le=65535)
 
 
-class DicomWebSourceConfig(PacsSourceConfig):
+class DicomWebSourceConfig(PacsSourceConfig, DicomWebPeer):
     """A PACS reached by QIDO-RS search and WADO-RS retrieve."""
-
-    kind: Literal["dicomweb"]
-    url: str = Field(pattern=r"^https?://[^/\s]+")  # the DICOMweb root: http://pacs:8042/dicom-web
-    username: str | None = None
-    password_env: str | None = None  # the environment variable holding the password
 
 
 SourceConfig = Annotated[
@@ -81,25 +92,13 @@ SourceConfig = Annotated[
 PACS_KINDS = ("dimse", "dicomweb")
 
 
-class DimseResearchPacs(Strict):
+class DimseResearchPacs(DimsePeer):
     """A research PACS that takes released files by C-STORE (the DIMSE source's fields)."""
 
-    kind: Literal["dimse"]
-    host: str
-    port: int = Field(ge=1, le=65535)
-    called_ae: str = Field(min_length=1, max_length=16)
-    calling_ae: str = Field(default="RADREPO", min_length=1, max_length=16)
-    timeout_seconds: float = Field(default=60.0, gt=0)
 
-
-class DicomWebResearchPacs(Strict):
+class DicomWebResearchPacs(DicomWebPeer):
     """A research PACS that takes released files by STOW-RS (the DICOMweb source's fields)."""
 
-    kind: Literal["dicomweb"]
-    url: str = Field(pattern=r"^https?://[^/\s]+")  # the DICOMweb root: http://pacs:8042/dicom-web
-    username: str | None = None
-    password_env: str | None = None  # the environment variable holding the password
-    timeout_seconds: float = Field(default=60.0, gt=0)
     files_per_request: int = Field(default=16, ge=1)  # instances in one STOW-RS request
 
 

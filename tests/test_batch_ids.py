@@ -39,6 +39,17 @@ def _deidentify(batch: ingest.BatchRef, work: Path) -> None:
                                      ".parquet"), None)
 
 
+def _ingested(src: Path, work: Path, folder: str, name: str, sop: str,
+              batch_id: str) -> ingest.BatchRef:
+    """A site's only batch, discovered under its readable id, de-identified and recorded."""
+    _zip_batch(src, folder, name, sop)
+    [batch] = ingest.discover_batches(_site(src), str(work), set())
+    assert batch.batch_id == batch_id
+    _deidentify(batch, work)
+    ingest.record_ingested(batch, ingest.SOURCE_INDEX.empty_table(), str(work))
+    return batch
+
+
 def test_readable_ids_need_the_documented_shape():
     assert ingest.readable_batch_id("CXR-UPDATE-20200523") == "CXR-UPDATE-20200523"
     assert ingest.readable_batch_id("CT-20200519") == "CT-20200519"
@@ -51,11 +62,8 @@ def test_readable_ids_need_the_documented_shape():
 def test_a_folder_named_for_a_patient_met_in_another_batch_gets_an_opaque_id(tmp_path):
     src, work = tmp_path / "src", tmp_path / "work"
     # a real surname that is also a batch-vocabulary word, so only the site-wide gate stops it
-    _zip_batch(src, "CT-UPDATE-20200519-COMPLETE", "FULL^MARY", "1.2.91.1")
-    [first] = ingest.discover_batches(_site(src), str(work), set())
-    assert first.batch_id == "CT-UPDATE-20200519"
-    _deidentify(first, work)
-    ingest.record_ingested(first, ingest.SOURCE_INDEX.empty_table(), str(work))
+    first = _ingested(src, work, "CT-UPDATE-20200519-COMPLETE", "FULL^MARY", "1.2.91.1",
+                      "CT-UPDATE-20200519")
 
     _zip_batch(src, "FULL-UPDATE-20200601-COMPLETE", "ROE^ANN", "1.2.91.2")
     _zip_batch(src, "FULL-COMPLETE", "ROE^ANN", "1.2.91.3")
@@ -80,11 +88,8 @@ def test_a_folder_named_for_a_patient_met_in_another_batch_gets_an_opaque_id(tmp
 
 def test_a_patient_met_later_never_renames_a_published_batch(tmp_path):
     src, work = tmp_path / "src", tmp_path / "work"
-    _zip_batch(src, "CXR-UPDATE-20200523-COMPLETE", "ROE^ANN", "1.2.92.1")
-    [first] = ingest.discover_batches(_site(src), str(work), set())
-    assert first.batch_id == "CXR-UPDATE-20200523"
-    _deidentify(first, work)
-    ingest.record_ingested(first, ingest.SOURCE_INDEX.empty_table(), str(work))
+    first = _ingested(src, work, "CXR-UPDATE-20200523-COMPLETE", "ROE^ANN", "1.2.92.1",
+                      "CXR-UPDATE-20200523")
     _zip_batch(src, "CT-UPDATE-20200530-COMPLETE", "UPDATE^CXR", "1.2.92.2")
     [pending] = ingest.discover_batches(_site(src), str(work), {first.batch_id})
     assert pending.batch_id == "CT-UPDATE-20200530"  # its patient is not met yet

@@ -13,6 +13,7 @@ import pytest
 
 from schemas.config import SiteConfig
 from tasks import ingest
+from tests.moto_s3 import moto_s3
 
 COMPARED = ("key", "size", "sha256", "status", "reason", "patient_id", "study_uid",
             "series_uid", "sop_uid", "sop_class_uid", "modality", "exam_id", "exam_time",
@@ -22,22 +23,8 @@ COMPARED = ("key", "size", "sha256", "status", "reason", "patient_id", "study_ui
 @pytest.fixture(scope="module")
 def s3_endpoint():
     """moto's S3 server on loopback; credentials are moto's dummies, from the environment."""
-    from moto.server import ThreadedMotoServer
-
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                             "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                      AWS_DEFAULT_REGION="us-east-1")
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with moto_s3() as endpoint:
+        yield endpoint
 
 
 def test_zip_batches_on_s3_index_like_the_local_copy(s3_endpoint, corpus, tmp_path):

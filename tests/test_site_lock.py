@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tasks.site_lock import SiteBusy, hold
+from tests.moto_s3 import moto_s3
 
 HOLDER = """
 import sys, time
@@ -61,25 +62,12 @@ def test_a_second_holder_waits_then_names_the_holder_and_a_killed_holder_frees_i
 def s3(tmp_path_factory):
     """An s3fs filesystem on moto's S3 server (127.0.0.1) with a bucket for releases."""
     import s3fs
-    from moto.server import ThreadedMotoServer
 
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                             "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                      AWS_DEFAULT_REGION="us-east-1")
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": f"http://{host}:{port}"},
-                           skip_instance_cache=True)
-    fs.mkdir("leases")
-    yield fs
-    server.stop()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with moto_s3() as endpoint:
+        fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint},
+                               skip_instance_cache=True)
+        fs.mkdir("leases")
+        yield fs
 
 
 def test_s3_lease_is_exclusive_renewed_released_and_taken_over_once_expired(s3, tmp_path):

@@ -25,17 +25,23 @@ PAGE = 500
 ACCEPT_DICOM = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 
 
+def http_client(endpoint) -> httpx.Client:
+    """An httpx client on a DICOMweb root (a source or a research PACS: url, username,
+    password_env, timeout_seconds), with basic auth when a username is set."""
+    auth = None
+    if endpoint.username:
+        password = os.environ.get(endpoint.password_env or "")
+        if password is None:
+            raise PacsUnavailable(f"the DICOMweb password variable {endpoint.password_env} "
+                                  "is not set")
+        auth = (endpoint.username, password)
+    return httpx.Client(base_url=endpoint.url.rstrip("/"), auth=auth,
+                        timeout=endpoint.timeout_seconds)
+
+
 class DicomWebClient:
     def __init__(self, source: DicomWebSourceConfig):
-        auth = None
-        if source.username:
-            password = os.environ.get(source.password_env or "")
-            if password is None:
-                raise PacsUnavailable(f"the DICOMweb password variable {source.password_env} "
-                                      "is not set")
-            auth = (source.username, password)
-        self.http = httpx.Client(base_url=source.url.rstrip("/"), auth=auth,
-                                 timeout=source.timeout_seconds)
+        self.http = http_client(source)
         url = self.http.base_url
         self.location = f"{url.scheme}://{url.host}" + (f":{url.port}" if url.port else "")
 

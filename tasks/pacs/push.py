@@ -10,7 +10,6 @@ next push sends it again.
 from __future__ import annotations
 
 import io
-import os
 import re
 import secrets
 import sqlite3
@@ -27,7 +26,7 @@ from pydicom import dcmread
 from pynetdicom import AE
 
 from schemas.config import DicomWebResearchPacs, DimseResearchPacs, ResearchPacsConfig
-from tasks.pacs.dicomweb import DicomWebClient
+from tasks.pacs.dicomweb import DicomWebClient, http_client
 from tasks.pacs.dimse import DimseClient
 from tasks.pacs.study import PacsUnavailable
 from tasks.publish import Release
@@ -194,15 +193,7 @@ def _sender(release: Release, target: ResearchPacsConfig) -> Iterator[Sender]:
 
 @contextmanager
 def _stow_client(target: DicomWebResearchPacs) -> Iterator[httpx.Client]:
-    auth = None
-    if target.username:
-        password = os.environ.get(target.password_env or "")
-        if password is None:
-            raise PacsUnavailable(f"the DICOMweb password variable {target.password_env} "
-                                  "is not set")
-        auth = (target.username, password)
-    with httpx.Client(base_url=target.url.rstrip("/"), auth=auth,
-                      timeout=target.timeout_seconds) as http:
+    with http_client(target) as http:
         yield http
 
 
