@@ -129,11 +129,10 @@ def verify_step(work_dir: str, site_id: str, assembled: catalog.CatalogBatch, ru
     """The gate: fail the batch if any identifier seen at the site (in this batch or another)
     is in what would publish."""
     matcher = verify.read_identifiers(ingest.site_identifier_files(work_dir, site_id))
-    if verify.scan_names([f"batch {batch_id}"], matcher) and ingest.withdraw_batch_id(
-            work_dir, site_id, batch_id):
+    findings = verify.scan_names([f"batch {batch_id}"], matcher)
+    if findings and ingest.withdraw_batch_id(work_dir, site_id, batch_id):
         raise verify.LeakFound(f"site {site_id}: a batch id matches an identifier met at the "
                                "site; its folder is taken under an opaque id from the next run")
-    findings = verify.scan_names([f"batch {batch_id}"], matcher)
     for relative, data in reports.items():
         findings += verify.scan_names([relative], matcher)
         if relative.endswith(".html"):
