@@ -46,7 +46,7 @@ def _pairs(values: list[str], option: str) -> dict[str, str]:
 
 def _one_off_config(sources: list[str], clinical: list[str], remaps: list[str],
                     release: Path | None, work: Path | None) -> RadrepoConfig:
-    from tasks.ingest import detect_source_kind
+    from tasks.discovery import detect_source_kind
 
     if release is None or work is None:
         _fail("without a CONFIG file, --source, --release and --work are all required", 2)

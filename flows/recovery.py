@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from schemas.config import RadrepoConfig
 from schemas.pipeline import SOURCE_INDEX
-from tasks import ingest, site_lock
+from tasks import discovery, ledger, site_lock
 from tasks import publish as publishing
 from tasks.kill_point import kill_point
 
@@ -44,7 +44,7 @@ def refresh_catalog(config: RadrepoConfig, release: publishing.Release, run_id: 
 
 
 def _republish_marker(work_dir: str, site_id: str, batch_id: str) -> Path:
-    return ingest.site_work_dir(work_dir, site_id) / "republish" / batch_id
+    return ledger.site_work_dir(work_dir, site_id) / "republish" / batch_id
 
 
 def mark_republish(work_dir: str, site_id: str, batch_id: str) -> None:
@@ -75,16 +75,17 @@ def batches_due(config: RadrepoConfig, release: publishing.Release, site_id: str
 
 def _settle_ingest(config: RadrepoConfig, site_id: str, batch_id: str) -> None:
     """Record a complete batch's objects in the ledger, then drop its staging and pending."""
-    pending = ingest.load_pending(config.work_dir, site_id, batch_id)
+    pending = ledger.load_pending(config.work_dir, site_id, batch_id)
     if pending is None:
         return
-    index_path = ingest.site_work_dir(config.work_dir, site_id) / "index" / f"{batch_id}.parquet"
+    index_path = ledger.site_work_dir(config.work_dir, site_id) / "index" / f"{batch_id}.parquet"
     index = pq.read_table(index_path, schema=SOURCE_INDEX) if index_path.exists() else (
         SOURCE_INDEX.empty_table())
-    ingest.record_ingested(pending, index, config.work_dir)
+    discovery.mark_batch_published(config.work_dir, site_id, batch_id)
+    ledger.record_ingested(pending, index, config.work_dir)
     kill_point("after:ledger")
-    ingest.clear_staging(pending, config.work_dir)
-    ingest.forget_pending(config.work_dir, site_id, batch_id)
+    ledger.clear_staging(pending, config.work_dir)
+    ledger.forget_pending(config.work_dir, site_id, batch_id)
 
 
 def finish_batch(config: RadrepoConfig, release: publishing.Release, site_id: str,

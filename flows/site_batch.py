@@ -8,38 +8,41 @@ header value, because Prefect stores parameters on its server.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
 from flows import progress, recovery
 from flows.batch_report import STEP_SECONDS, publish_report, timed
 from flows.cluster import dask_client
+from flows.one_pass import BatchPass, PassContext, batch_context, read_batch, work_units
 from flows.secret import check_release_key, keys_from_env
 from schemas.catalog import CLINICAL, RUNS
 from schemas.config import RadrepoConfig, SourceConfig, load_config
-from schemas.pipeline import DEIDENTIFIED_CLINICAL, OK
-from tasks import catalog, clinical, dedupe, ingest, qc, verify
+from schemas.pipeline import DEIDENTIFIED_CLINICAL
+from tasks import catalog, clinical, dedupe, discovery, ledger, qc, verify
 from tasks import publish as publishing
 from tasks.contact_sheet import contact_sheet
 from tasks.deidentify import (
     DeidContext,
     DeidentifiedClinical,
-    deidentify_batch,
     deidentify_clinical,
     load_remap,
 )
 from tasks.deidentify.keys import PseudonymKeys
 from tasks.deidentify.profile import load_profile
+from tasks.indexing import WorkUnit
 from tasks.kill_point import kill_point
+from tasks.ledger import BatchRef
 
 
 def step(name: str) -> Callable:
@@ -53,28 +56,25 @@ class BatchNotFound(LookupError):
 
 
 @step(name="ingest")
-def ingest_step(batch: ingest.BatchRef, source: SourceConfig,
-                work_dir: str) -> ingest.IngestResult:
-    return ingest.ingest_batch(batch, source, work_dir)
+def ingest_step(batch: BatchRef, source: SourceConfig, work_dir: str) -> list[WorkUnit]:
+    """The batch's work units: a PACS batch's studies retrieved whole, else the source's
+    objects grouped for the one pass (nothing is opened here)."""
+    return work_units(batch, source, work_dir)
 
 
 @step(name="deidentify")
-def deidentify_step(index: pa.Table, ctx: DeidContext, identifiers_path: str,
-                    scheduler: str | None, config: RadrepoConfig) -> pa.Table:
+def deidentify_step(units: list[WorkUnit], ctx: PassContext, scheduler: str | None,
+                    config: RadrepoConfig, site_id: str, batch_id: str) -> BatchPass:
+    """The one pass over every unit, on the Dask cluster; the batch's index, quarantine
+    listing and identifiers are kept in the private zone."""
     bars = progress.current()
     if bars:
-        bars.files_found(pc.sum(pc.equal(index["status"], OK)).as_py() or 0)
+        bars.files_found(sum(len(u.objects) for u in units))
     with dask_client(config.dask, scheduler) as client:
-        return deidentify_batch(index, ctx, identifiers_path, client,
-                                bars.files_done if bars else None)
-
-
-@step(name="gate_files")
-def gate_files_step(deidentified: pa.Table, work_dir: str, site_id: str) -> pa.Table:
-    """Quarantine each file the cleaner could not make safe (``gate: <element>``) against
-    every identifier met at the site; the rest of the batch goes on to QC and the catalog."""
-    matcher = verify.read_identifiers(ingest.site_identifier_files(work_dir, site_id))
-    return verify.gate_deidentified(deidentified, matcher)
+        done = read_batch(units, ctx, client, bars.files_done if bars else None)
+    ledger.write_batch_records(config.work_dir, site_id, batch_id, done.index, done.quarantine,
+                               done.identifiers)
+    return done
 
 
 @step(name="deidentify_clinical")
@@ -99,45 +99,55 @@ def clinical_join_step(deidentified: pa.Table, patients: pa.Table,
 
 @step(name="dedupe")
 def dedupe_step(deidentified: pa.Table, excluded: set[int], release: publishing.Release,
-                site_id: str, batch_id: str, split_minutes: int) -> dedupe.DedupeResult:
+                site_id: str, batch_id: str, merges: list[dict]) -> dedupe.DedupeResult:
     published = publishing.read_published(release, "instances", site_id, batch_id,
                                           ["sop_uid", "sha256", "study_uid", "pixel_sha256"])
     studies = publishing.read_published(release, "studies", site_id, batch_id,
                                         ["study_uid", "patient_id", "study_date", "study_time"])
-    return dedupe.find_duplicates(deidentified, excluded, published, batch_id, split_minutes,
-                                  dedupe.published_images(published, studies))
+    return dedupe.find_duplicates(deidentified, excluded, published, batch_id,
+                                  dedupe.published_images(published, studies), merges)
+
+
+@step(name="decide")
+def decide_step(index: pa.Table, deidentified: pa.Table, qc_result: qc.QcResult,
+                window: dict[int, str], dups: dedupe.DedupeResult) -> pa.Table:
+    return catalog.decide(index, deidentified, qc_result.excluded, window, dups.excluded)
+
+
+@step(name="catalog")
+def catalog_step(site_id: str, siteid: str, deidentified: pa.Table, decisions: pa.Table,
+                 joined: clinical.ClinicalJoin, emr: DeidentifiedClinical, qc_result: qc.QcResult,
+                 dups: dedupe.DedupeResult, known: set[str]) -> catalog.CatalogBatch:
+    return catalog.assemble_catalog(
+        site_id=site_id, siteid=siteid, deidentified=deidentified, decisions=decisions,
+        links=joined.links, clinical_patients=emr.patients, measurements=emr.measurements,
+        qc_outcomes=pa.concat_tables([qc_result.outcomes, joined.outcomes]),
+        duplicates=dups.rows, known_patients=known)
 
 
 @step(name="contact_sheet")
 def contact_sheet_step(site_id: str, batch_id: str, assembled: catalog.CatalogBatch,
-                       deidentified: pa.Table) -> dict[str, bytes]:
-    published = {staged for staged, _ in assembled.files}
-    by_series: dict[str, list[tuple]] = {}
-    for r in deidentified.select(["series_uid", "instance_number", "seq",
-                                  "output_path"]).to_pylist():
-        if r["output_path"] in published:
-            by_series.setdefault(r["series_uid"], []).append(
-                (r["instance_number"] or 0, r["seq"], r["output_path"]))
-    middle = {uid: sorted(files)[len(files) // 2][2] for uid, files in by_series.items()}
+                       thumbnails: dict[str, bytes]) -> dict[str, bytes]:
     return contact_sheet(site_id, batch_id, assembled.tables["series"],
-                         assembled.tables["qc"], middle)
+                         assembled.tables["qc"], thumbnails)
 
 
 @step(name="verify")
 def verify_step(work_dir: str, site_id: str, assembled: catalog.CatalogBatch, run: pa.Table,
                 reports: dict[str, bytes], batch_id: str) -> int:
-    """The gate: fail the batch if any identifier seen at the site (in this batch or another)
-    is in what would publish."""
-    matcher = verify.read_identifiers(ingest.site_identifier_files(work_dir, site_id))
+    """The gate on what the files do not carry: fail the batch if any identifier seen at the
+    site (in this batch or another) is in a release path, a catalog row or a report. The
+    files themselves were gated by the one pass while it held their bytes."""
+    matcher = verify.read_identifiers(ledger.site_identifier_files(work_dir, site_id))
     findings = verify.scan_names([f"batch {batch_id}"], matcher)
-    if findings and ingest.withdraw_batch_id(work_dir, site_id, batch_id):
+    if findings and discovery.withdraw_batch_id(work_dir, site_id, batch_id):
         raise verify.LeakFound(f"site {site_id}: a batch id matches an identifier met at the "
                                "site; its folder is taken under an opaque id from the next run")
     for relative, data in reports.items():
         findings += verify.scan_names([relative], matcher)
         if relative.endswith(".html"):
             findings += verify.scan_report(relative, data, matcher)
-    findings += verify.scan_outputs(assembled.files, matcher)
+    findings += verify.scan_names([shown for _, shown in assembled.files], matcher)
     for name, table in {**assembled.tables, "runs": run}.items():
         findings += verify.scan_table(name, table, matcher)
     verify.raise_if_found(findings)
@@ -157,15 +167,24 @@ def publish_step(release: publishing.Release, site_id: str, batch_id: str,
                                     run, run_id, reports, key_check)
 
 
-def find_batch(config: RadrepoConfig, site_id: str, batch_id: str) -> ingest.BatchRef:
+@contextmanager
+def without_heartbeat() -> Iterator[None]:
+    """Flow runs started meanwhile send no heartbeats of their own: a ``site_batch`` runs
+    inside its caller's process (whose flow run keeps beating), and Prefect's heartbeat
+    thread holds every flow run's end for up to a second."""
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
+
+
+def find_batch(config: RadrepoConfig, site_id: str, batch_id: str) -> BatchRef:
     """The batch named ``batch_id``: as discovery left it, or found again in the source."""
-    pending = ingest.load_pending(config.work_dir, site_id, batch_id)
+    pending = ledger.load_pending(config.work_dir, site_id, batch_id)
     if pending is not None:
         return pending
-    recorded = ingest.batch_from_ledger(config.site(site_id), config.work_dir, batch_id)
+    recorded = discovery.batch_from_ledger(config.site(site_id), config.work_dir, batch_id)
     if recorded is not None:
         return recorded
-    for batch in ingest.discover_batches(config.site(site_id), config.work_dir, set()):
+    for batch in discovery.discover_batches(config.site(site_id), config.work_dir, set()):
         if batch.batch_id == batch_id:
             return batch
     raise BatchNotFound(f"site {site_id}: no batch {batch_id!r} in the source "
@@ -216,47 +235,36 @@ def _take_batch(config: RadrepoConfig, release: publishing.Release, keys: Pseudo
         recovery.mark_republish(config.work_dir, site_id, batch_id)
     site = config.site(site_id)
     batch = find_batch(config, site_id, batch_id)
-    ingest.save_pending(batch, config.work_dir)
+    ledger.save_pending(batch, config.work_dir)
 
-    ingested = ingest_step(batch, site.source, config.work_dir)
+    units = ingest_step(batch, site.source, config.work_dir)
     kill_point("after:ingest")
     remap = load_remap(site.id_remap)
-    staging = Path(config.work_dir) / site_id / "staging" / batch_id / "deidentified"
-    ctx = DeidContext(keys=keys, site_id=site_id, options=tuple(config.deid.options),
-                      remap=remap, out_dir=str(staging))
-    identifiers_path = str(Path(config.work_dir) / site_id / "index"
-                           / f"{batch_id}.identifiers.parquet")
-    deidentified = deidentify_step(ingested.index, ctx, identifiers_path, scheduler, config)
-    deidentified = gate_files_step(deidentified, config.work_dir, site_id)
+    ctx = batch_context(config.work_dir, site_id, batch_id,
+                        DeidContext(keys=keys, site_id=site_id,
+                                    options=tuple(config.deid.options), remap=remap),
+                        config.split_exam_minutes)
+    done = deidentify_step(units, ctx, scheduler, config, site_id, batch_id)
     kill_point("after:deidentify")
-    ingest.quarantine_later(ingested.index, deidentified, "deidentify", config.work_dir,
-                            site_id, batch_id)
+    deidentified = done.deidentified
     emr = deidentify_clinical_step(config, site_id, keys, remap)
-    clinical_patients, measurements = emr.patients, emr.measurements
 
     qc_result = qc_step(deidentified, config.qc_params(site_id))
-    joined = clinical_join_step(deidentified, clinical_patients, config.inclusion_windows)
+    joined = clinical_join_step(deidentified, emr.patients, config.inclusion_windows)
     window = catalog.window_excluded(deidentified, joined.outside_window)
     dups = dedupe_step(deidentified, set(qc_result.excluded) | set(window), release, site_id,
-                       batch_id, config.split_exam_minutes)
-    deidentified = dedupe.apply_merges(deidentified, dups.merged)
-
-    decided = catalog.dispositions(deidentified, qc_result.excluded, window, dups.excluded)
+                       batch_id, done.merges)
+    decisions = decide_step(done.index, deidentified, qc_result, window, dups)
     known = {r["patient_id"] for r in publishing.read_published(
         release, "patients", site_id, batch_id, ["patient_id"]).to_pylist()}
-    assembled = catalog.assemble_catalog(
-        site_id=site_id, siteid=keys.siteid(site_id), index=ingested.index,
-        deidentified=deidentified, decided=decided,
-        links=joined.links, clinical_patients=clinical_patients, measurements=measurements,
-        qc_outcomes=pa.concat_tables([qc_result.outcomes, joined.outcomes]),
-        duplicates=dups.rows, known_patients=known,
-    )
+    assembled = catalog_step(site_id, keys.siteid(site_id), deidentified, decisions, joined,
+                             emr, qc_result, dups, known)
     profile = load_profile(tuple(config.deid.options)).method_description
     counts = {**assembled.counts, "skipped_already_ingested": batch.already_ingested,
               "clinical_rows_read": emr.rows_read,
               "clinical_rows_skipped": dict(sorted(emr.rows_skipped.items()))}
     run = _run_table(run_id, profile, started, counts)
-    reports = contact_sheet_step(site_id, batch_id, assembled, deidentified)
+    reports = contact_sheet_step(site_id, batch_id, assembled, done.thumbnails)
     verify_step(config.work_dir, site_id, assembled, run, reports, batch_id)
     kill_point("after:verify")
     result = publish_step(release, site_id, batch_id, assembled, deidentified, run, run_id,

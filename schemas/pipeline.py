@@ -86,6 +86,18 @@ DEIDENTIFIED_CLINICAL = pa.schema(
     ]
 )
 
+# what became of each object of a batch: the stage it ended at, published, excluded or
+# quarantined, and why (``tasks/catalog.py`` decide); the catalog tables derive from it
+DECISIONS = pa.schema(
+    [
+        ("seq", pa.int32()),
+        ("object_id", pa.string()),
+        ("stage", pa.string()),
+        ("outcome", pa.string()),
+        ("reason", pa.string()),
+    ]
+)
+
 QUARANTINE = pa.schema(
     [
         ("object_id", pa.string()),

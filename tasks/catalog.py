@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from schemas import catalog as cat
-from schemas.pipeline import QUARANTINED
+from schemas.pipeline import DECISIONS, QUARANTINED
 from tasks.dicom_time import parse_tm
 
 PUBLISHED = "published"
@@ -45,24 +45,31 @@ def window_excluded(deidentified: pa.Table, outside: dict[str, str]) -> dict[int
             if r["study_uid"] in outside}
 
 
-def dispositions(deidentified: pa.Table, qc_excluded: dict[int, str],
-                 window: dict[int, str],
-                 dup_excluded: dict[int, str]) -> dict[int, tuple[str, str | None]]:
-    """seq -> (disposition, reason); quarantine first, then QC, window, duplicates."""
-    out: dict[int, tuple[str, str | None]] = {}
-    for row in deidentified.select(["seq", "status", "reason"]).to_pylist():
-        seq = row["seq"]
-        if row["status"] == QUARANTINED:
-            out[seq] = (QUARANTINED, row["reason"])
+def decide(index: pa.Table, deidentified: pa.Table, qc_excluded: dict[int, str],
+           window: dict[int, str], dup_excluded: dict[int, str]) -> pa.Table:
+    """The batch's DECISIONS: one row per object that came in, saying at which stage it
+    ended and why. The one place precedence is decided: refused at ingest, then at
+    de-identification, then QC, the inclusion window, duplicates; else published."""
+    status = {r["seq"]: (r["status"], r["reason"])
+              for r in deidentified.select(["seq", "status", "reason"]).to_pylist()}
+    rows = []
+    for r in index.select(["seq", "object_id", "status", "reason"]).to_pylist():
+        seq = r["seq"]
+        if r["status"] == QUARANTINED:
+            decision = ("ingest", QUARANTINED, r["reason"])
+        elif status.get(seq, (QUARANTINED,))[0] == QUARANTINED:
+            decision = ("deidentify", QUARANTINED, status.get(seq, (None, "not read"))[1])
         elif seq in qc_excluded:
-            out[seq] = (EXCLUDED, f"qc:{qc_excluded[seq]}")
+            decision = ("qc", EXCLUDED, f"qc:{qc_excluded[seq]}")
         elif seq in window:
-            out[seq] = (EXCLUDED, window[seq])
+            decision = ("clinical_join", EXCLUDED, window[seq])
         elif seq in dup_excluded:
-            out[seq] = (EXCLUDED, f"duplicate:{dup_excluded[seq]}")
+            decision = ("dedupe", EXCLUDED, f"duplicate:{dup_excluded[seq]}")
         else:
-            out[seq] = (PUBLISHED, None)
-    return out
+            decision = ("publish", PUBLISHED, None)
+        rows.append(dict(zip(("seq", "object_id", "stage", "outcome", "reason"),
+                             (seq, r["object_id"], *decision), strict=True)))
+    return pa.Table.from_pylist(rows, schema=DECISIONS)
 
 
 def with_study_uids(qc: pa.Table, rows: list[dict], duplicates: pa.Table) -> pa.Table:
@@ -92,9 +99,8 @@ def assemble_catalog(
     *,
     site_id: str,
     siteid: str,
-    index: pa.Table,
     deidentified: pa.Table,
-    decided: dict[int, tuple[str, str | None]],
+    decisions: pa.Table,
     links: pa.Table,
     clinical_patients: pa.Table,
     measurements: pa.Table,
@@ -102,14 +108,11 @@ def assemble_catalog(
     duplicates: pa.Table,
     known_patients: set[str],
 ) -> CatalogBatch:
-    """Build every catalog table of the batch and check that the file counts add up.
-
-    ``index`` is the batch's source index: every object that came in, quarantined or not.
-    """
-    files_in = index.num_rows
-    ingest_quarantined = Counter(
-        r["reason"] for r in index.select(["status", "reason"]).to_pylist()
-        if r["status"] == QUARANTINED)
+    """Build every catalog table of the batch from its ``decisions`` (see ``decide``) and
+    check that the file counts add up."""
+    decided = {r["seq"]: (r["outcome"], r["reason"]) for r in decisions.select(
+        ["seq", "outcome", "reason"]).to_pylist()}
+    files_in = decisions.num_rows
     rows = [r for r in deidentified.to_pylist() if decided[r["seq"]][0] != QUARANTINED]
     reason_of = {r["seq"]: decided[r["seq"]][1] for r in rows}
     published = [r for r in rows if decided[r["seq"]][0] == PUBLISHED]
@@ -189,8 +192,8 @@ def assemble_catalog(
     new_set = set(new_patients)
     clinical = [m for m in measurements.to_pylist() if m["patient_id"] in new_set]
 
-    n_quarantined = sum(ingest_quarantined.values()) + sum(
-        1 for d, _ in decided.values() if d == QUARANTINED)
+    quarantined = Counter(r for d, r in decided.values() if d == QUARANTINED)
+    n_quarantined = sum(quarantined.values())
     excluded_reasons = Counter(reason_of[r["seq"]] for r in rows if reason_of[r["seq"]])
     counts = {
         "files_in": files_in,
@@ -198,8 +201,7 @@ def assemble_catalog(
         "excluded": sum(excluded_reasons.values()),
         "quarantined": n_quarantined,
         "excluded_by_reason": dict(sorted(excluded_reasons.items())),
-        "quarantined_by_reason": dict(sorted((ingest_quarantined + Counter(
-            r for d, r in decided.values() if d == QUARANTINED)).items())),
+        "quarantined_by_reason": dict(sorted(quarantined.items())),
         "patients_without_clinical": sum(1 for p in patients if not p["has_clinical"]),
         # clinical records whose patient has no image published yet (counted, not published)
         "clinical_rows_without_images": len(

@@ -1,8 +1,9 @@
 """The QC contact sheet of a batch: one small thumbnail per published series and an HTML page
 that lists flagged series first, so a reviewer can spot burned-in text or wrong anatomy.
 
-This is the one place pixels are decoded, one image per series, for people to look at; it
-works on the de-identified files and writes under ``reports/<site>/<batch>/`` in the release.
+This is the one place pixels are decoded, one image per series, for people to look at: the one
+pass renders the thumbnail from the de-identified file's bytes while they are in memory; the
+page goes under ``reports/<site>/<batch>/`` in the release.
 """
 
 from __future__ import annotations
@@ -61,10 +62,11 @@ def _windowed(ds) -> np.ndarray:
     return scaled.astype(np.uint8)
 
 
-def thumbnail_png(path: str) -> bytes | None:
-    """A PNG thumbnail of a DICOM file, or None when its pixels cannot be decoded here."""
+def thumbnail_png(data: bytes) -> bytes | None:
+    """A PNG thumbnail of a DICOM file's bytes, or None when its pixels cannot be decoded
+    here."""
     try:
-        ds = dcmread(path)
+        ds = dcmread(io.BytesIO(data))
         image = Image.fromarray(_windowed(ds))
     except Exception:  # noqa: BLE001 - a compressed syntax without a decoder: no thumbnail
         return None
@@ -75,10 +77,11 @@ def thumbnail_png(path: str) -> bytes | None:
 
 
 def contact_sheet(site_id: str, batch_id: str, series: pa.Table, qc: pa.Table,
-                  files: dict[str, str]) -> dict[str, bytes]:
+                  thumbnails: dict[str, bytes]) -> dict[str, bytes]:
     """Release-relative path -> bytes of the batch's thumbnails and its HTML page.
 
-    ``files`` maps each published series UID to one staged file of it (its middle instance).
+    ``thumbnails`` maps series UIDs to the PNG of one of their images (the middle instance),
+    rendered while the one pass had the file in memory.
     """
     base = f"reports/{site_id}/{batch_id}"
     flags = defaultdict(list)
@@ -91,7 +94,7 @@ def contact_sheet(site_id: str, batch_id: str, series: pa.Table, qc: pa.Table,
     out: dict[str, bytes] = {}
     rows = []
     for s in published:
-        png = thumbnail_png(files[s["series_uid"]]) if s["series_uid"] in files else None
+        png = thumbnails.get(s["series_uid"])
         if png is not None:
             out[f"{base}/thumbs/{s['series_uid']}.png"] = png
             cell = f'<img src="thumbs/{s["series_uid"]}.png" alt="series thumbnail">'

@@ -5,14 +5,11 @@ Nothing is dropped silently: every excluded file gets a ``duplicates`` row with 
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass, field
-from io import BytesIO
+from dataclasses import dataclass
+from datetime import datetime
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydicom import dcmread
-from pydicom.filewriter import dcmwrite
 
 from schemas.catalog import DUPLICATES
 from schemas.pipeline import OK
@@ -32,12 +29,10 @@ PUBLISHED_IMAGES = pa.schema(
 
 @dataclass(frozen=True)
 class DedupeResult:
-    """The ``duplicates`` table, per excluded file (by seq) its duplicate kind, and per file
-    moved into another study (by seq) its new study UID, size and sha256."""
+    """The ``duplicates`` table and per excluded file (by seq) its duplicate kind."""
 
     rows: pa.Table
     excluded: dict[int, str]
-    merged: dict[int, tuple[str, int, str]] = field(default_factory=dict)
 
 
 def published_images(instances: pa.Table, studies: pa.Table) -> pa.Table:
@@ -50,7 +45,7 @@ def published_images(instances: pa.Table, studies: pa.Table) -> pa.Table:
 
 def find_duplicates(
     deidentified: pa.Table, already_excluded: set[int], published: pa.Table, batch_id: str,
-    split_minutes: int = 30, published_studies: pa.Table | None = None,
+    published_studies: pa.Table | None = None, merges: list[dict] = (),
 ) -> DedupeResult:
     """Files that copy others, decided on pseudonymized data only.
 
@@ -58,8 +53,9 @@ def find_duplicates(
     same bytes it is ``resent`` (the later copy goes), with different bytes a ``uid_conflict``
     (the later copy goes too, never overwriting the first). A whole study stored twice under
     new UIDs is a ``double_store``, in this batch or against ``published_studies``
-    (PUBLISHED_IMAGES of earlier batches). Two different images with the same time stay, and
-    the copies of a double store are never taken for the parts of a split exam.
+    (PUBLISHED_IMAGES of earlier batches). Two different images with the same time stay.
+    ``merges`` are the split exams the one pass merged before writing (``split_exam_targets``,
+    pseudonymized): each gets its study-level row.
     """
     first_seen = {
         row["sop_uid"]: (row["sha256"], f"batch {row['batch_id']}")
@@ -90,76 +86,60 @@ def find_duplicates(
     for seq, row in double.items():
         excluded[seq] = "double_store"
         rows.append(row)
-    copies = set(excluded)  # copies are no part of any exam: they leave before parts are found
-    merged, merge_rows = _split_exams(candidates.filter(pa.array(
-        [seq not in copies for seq in candidates.column("seq").to_pylist()], pa.bool_())),
-        already_excluded, split_minutes)
-    rows.extend(merge_rows)
-    return DedupeResult(rows=pa.Table.from_pylist(rows, schema=DUPLICATES), excluded=excluded,
-                        merged=merged)
+    for merge in merges:
+        rows.append({"uid": merge["uid"], "level": "study", "kind": "split_merged",
+                     "kept_uid": merge["kept_uid"],
+                     "evidence": f"exam split in two: same patient and exam id, parts "
+                                 f"{merge['gap_minutes']:.0f} minutes apart; its "
+                                 f"{merge['files']} files merged into study "
+                                 f"{merge['kept_uid']}"})
+    return DedupeResult(rows=pa.Table.from_pylist(rows, schema=DUPLICATES), excluded=excluded)
 
 
-def _split_exams(candidates: pa.Table, excluded: set[int],
-                 minutes: int) -> tuple[dict[int, tuple[str, int, str]], list[dict]]:
-    """Exams split in two (the tip sheet's CT quirk): same patient and exam id, parts that
-    start within ``minutes``. Files of the later parts move into the first part's study: the
-    ones to be published get that Study Instance UID in their staged DICOM, the excluded ones
-    in the catalog only. Returns the moved files (by seq) and one study-level row per part
-    merged away."""
+def split_exam_targets(files: list[dict], minutes: int) -> tuple[dict[str, str], list[dict]]:
+    """Exams split in two (the tip sheet's CT quirk), decided from the headers before any
+    file is written: same patient and exam id, parts that start within ``minutes`` (by the
+    exam time the zip name gives). A study that copies an earlier one of the exam (same date,
+    time and pixel data: a double store) is no part. ``files`` are dicts with study_uid,
+    patient, exam_id, exam_time, study_date, study_time and pixel_sha256. Returns each part
+    merged away -> the study it joins, and one record per merge (``uid``, ``kept_uid``,
+    ``gap_minutes``, ``files``), by the original UIDs."""
     parts: dict[tuple, dict[str, list[dict]]] = {}
-    for row in candidates.select(["seq", "study_uid", "sop_uid", "patient_id", "exam_key",
-                                  "exam_time", "output_path", "size_bytes",
-                                  "sha256"]).to_pylist():
-        if row["exam_key"] and row["exam_time"]:
-            key = (row["patient_id"], row["exam_key"])
-            parts.setdefault(key, {}).setdefault(row["study_uid"], []).append(row)
-    moved: dict[int, tuple[str, int, str]] = {}
-    rows: list[dict] = []
+    for f in files:
+        when = _exam_time(f["exam_time"])
+        if f["exam_id"] and when:
+            key = (f["patient"], f["exam_id"])
+            parts.setdefault(key, {}).setdefault(f["study_uid"], []).append({**f, "at": when})
+    targets: dict[str, str] = {}
+    merges: list[dict] = []
     for studies in parts.values():
-        if len(studies) < 2:
+        seen: set[tuple] = set()
+        distinct = {}
+        for study_uid, members in studies.items():
+            head = members[0]
+            fingerprint = (head["study_date"], parse_tm(head["study_time"]),
+                           tuple(sorted(m["pixel_sha256"] or "" for m in members)))
+            if fingerprint not in seen:
+                seen.add(fingerprint)
+                distinct[study_uid] = members
+        if len(distinct) < 2:
             continue
-        ordered = sorted(studies.items(),
-                         key=lambda kv: (min(f["exam_time"] for f in kv[1]), kv[0]))
-        target, first = ordered[0][0], min(f["exam_time"] for f in ordered[0][1])
-        for study_uid, files in ordered[1:]:
-            gap = (min(f["exam_time"] for f in files) - first).total_seconds() / 60
-            if gap > minutes:
-                continue
-            for f in files:
-                if f["seq"] in excluded:  # not published: only its catalog rows move
-                    size, sha = f["size_bytes"], f["sha256"]
-                else:
-                    size, sha = _set_study_uid(f["output_path"], target)
-                moved[f["seq"]] = (target, size, sha)
-            rows.append({"uid": study_uid, "level": "study", "kind": "split_merged",
-                         "kept_uid": target,
-                         "evidence": f"exam split in two: same patient and exam id, parts "
-                                     f"{gap:.0f} minutes apart; its {len(files)} files "
-                                     f"merged into study {target}"})
-    return moved, rows
+        ordered = sorted(distinct.items(), key=lambda kv: (min(m["at"] for m in kv[1]), kv[0]))
+        target, first = ordered[0][0], min(m["at"] for m in ordered[0][1])
+        for study_uid, members in ordered[1:]:
+            gap = (min(m["at"] for m in members) - first).total_seconds() / 60
+            if gap <= minutes:
+                targets[study_uid] = target
+                merges.append({"uid": study_uid, "kept_uid": target, "gap_minutes": gap,
+                               "files": len(members)})
+    return targets, merges
 
 
-def _set_study_uid(path: str, study_uid: str) -> tuple[int, str]:
-    """Give a staged, de-identified file another Study Instance UID; its new size and sha256."""
-    ds = dcmread(path)
-    ds.StudyInstanceUID = study_uid
-    buffer = BytesIO()
-    dcmwrite(buffer, ds, enforce_file_format=True)
-    data = buffer.getvalue()
-    with open(path, "wb") as out:
-        out.write(data)
-    return len(data), hashlib.sha256(data).hexdigest()
-
-
-def apply_merges(deidentified: pa.Table, merged: dict[int, tuple[str, int, str]]) -> pa.Table:
-    """The de-identified table with merged files' new study UID, size and hash."""
-    if not merged:
-        return deidentified
-    rows = deidentified.to_pylist()
-    for row in rows:
-        if row["seq"] in merged:
-            row["study_uid"], row["size_bytes"], row["sha256"] = merged[row["seq"]]
-    return pa.Table.from_pylist(rows, schema=deidentified.schema)
+def _exam_time(text: str | None) -> datetime | None:
+    try:
+        return datetime.strptime(text, "%Y%m%d-%H%M%S") if text else None
+    except ValueError:
+        return None
 
 
 def _double_stores(candidates: pa.Table, excluded: set[int], earlier: pa.Table,

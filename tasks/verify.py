@@ -13,14 +13,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-from io import BytesIO
 from pathlib import Path
 from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
-from pydicom import dcmread
+from pydicom.datadict import keyword_for_tag
 from pydicom.uid import UID_dictionary
 
 from schemas.pipeline import OK, QUARANTINED
@@ -30,6 +29,7 @@ from tasks.deidentify.rewrite import (
     MalformedDataset,
     dataset_start,
     elements,
+    items_of,
     read_charset,
     text_readings,
 )
@@ -60,6 +60,9 @@ CODE_TEXT = frozenset({BASIC_PROFILE_CODE[0], BASIC_PROFILE_CODE[1], "DCM"}
 CONSTANT_VALUES = frozenset({"YES", "MODIFIED"} | {v for v in DUMMY_BY_VR.values()
                                                    if isinstance(v, str)})
 METHOD, METHOD_CODES = 0x00120063, 0x00120064
+IDENTITY_REMOVED, PATIENT_ID, PATIENT_NAME, BIRTH_DATE = (0x00120062, 0x00100020, 0x00100010,
+                                                          0x00100030)
+SOP_INSTANCE_UID, MEDIA_SOP_INSTANCE, SOURCE_AE = 0x00080018, 0x00020003, 0x00020016
 
 
 class LeakFound(RuntimeError):
@@ -102,23 +105,52 @@ def header_bytes(source: DicomSource) -> bytes:
             return bytes(explicit_little_endian(fh.read())[0])
 
 
+@dataclass(frozen=True)
+class OutputScan:
+    """A DICOM file's bytes parsed once for the gate: every value it holds that a source
+    identifier could hide in (element name and decoded text, or opaque bytes; nested,
+    private, after the pixels and file meta included; radrepo's own constants and the pixels
+    left out), and its elements for the structure check."""
+
+    buf: memoryview
+    raws: list
+    meta: list
+    encodings: list[str]
+    values: tuple[tuple[str, str | bytes], ...]
+
+    @classmethod
+    def of(cls, data: bytes | memoryview) -> OutputScan:
+        buf = memoryview(data)
+        found = dataset_start(buf)
+        if found is None:
+            raise MalformedDataset("not a Part 10 file")
+        raws = elements(buf, found[0], len(buf))[0]
+        meta = meta_elements(buf)
+        encodings = read_charset(buf, raws)
+        values = [*_values(buf, raws, encodings, ""), *_values(buf, meta, encodings,
+                                                                "file meta ")]
+        return cls(buf, raws, meta, encodings, tuple(dict.fromkeys(values)))
+
+    def holding(self, matcher: IdentifierMatcher) -> list[str]:
+        """The elements whose value holds an identifier ``matcher`` knows."""
+        return sorted({name for name, value in self.values if value_holds(value, matcher)})
+
+
+def value_holds(value: str | bytes, matcher: IdentifierMatcher) -> bool:
+    """Whether one scanned value (text, or opaque bytes) holds an identifier."""
+    if isinstance(value, str):
+        return matcher.in_text(value)
+    return matcher.in_bytes(value)
+
+
 def elements_holding(data: bytes, matcher: IdentifierMatcher) -> list[str]:
     """The elements (keyword or tag; nested, private, after the pixels and file meta
     included) whose decoded value holds an identifier ``matcher`` knows."""
-    buf = memoryview(data)
-    found = dataset_start(buf)
-    if found is None:
-        raise MalformedDataset("not a Part 10 file")
-    raws = elements(buf, found[0], len(buf))[0]
-    encodings = read_charset(buf, raws)
-    hits = {name_of(r.tag) for r in _scanned(buf, raws, encodings, matcher)}
-    hits |= {f"file meta {name_of(r.tag)}"
-             for r in _scanned(buf, meta_elements(buf), encodings, matcher)}
-    return sorted(hits)
+    return OutputScan.of(data).holding(matcher)
 
 
-def _scanned(buf: memoryview, raws, encodings: list[str], matcher: IdentifierMatcher):
-    """The elements of one level (and below) that hold a match."""
+def _values(buf: memoryview, raws, encodings: list[str], prefix: str):
+    """(element name, value) for every scanned value of one level and below."""
     own = [r for r in raws if not _radrepo_constant(buf, r, encodings)]
     for r, vr, charset, nested in walk(buf, own, encodings):
         if r.value_end == r.value_start or (r.tag in PIXEL_TAGS and not nested):
@@ -129,10 +161,11 @@ def _scanned(buf: memoryview, raws, encodings: list[str], matcher: IdentifierMat
                 readings = text_readings(value, tuple(charset), vr)
             except (LookupError, ValueError):
                 readings = (value.decode("latin-1"),)
-            if any(t.strip() not in CONSTANT_VALUES and matcher.in_text(t) for t in readings):
-                yield r
-        elif vr in OPAQUE_VRS and matcher.in_bytes(value):
-            yield r
+            for text in readings:
+                if text.strip() not in CONSTANT_VALUES:
+                    yield prefix + name_of(r.tag), text
+        elif vr in OPAQUE_VRS:
+            yield prefix + name_of(r.tag), value
 
 
 def _radrepo_constant(buf: memoryview, r, encodings: list[str]) -> bool:
@@ -156,10 +189,7 @@ def scan_dicom_file(source: DicomSource, shown_as: str,
 
 def scan_header(data: bytes, shown_as: str, matcher: IdentifierMatcher) -> list[Finding]:
     """Identifier findings in a file's bytes as ``header_bytes`` reads them."""
-    if matcher.empty:
-        return []
-    return [Finding(shown_as, element, "identifying value")
-            for element in elements_holding(data, matcher)]
+    return gate(data, shown_as, matcher, None)[0]
 
 
 def gate_deidentified(deidentified: pa.Table, matcher: IdentifierMatcher) -> pa.Table:
@@ -286,46 +316,88 @@ def check_structure(source: DicomSource, shown_as: str, profile: Profile) -> lis
 
 
 def check_header(data: bytes, shown_as: str, profile: Profile) -> list[Finding]:
-    """``check_structure`` of a header ``header_bytes`` has already read."""
-    ds = dcmread(BytesIO(data))  # pixels left out: elements after them read
-    out = []
+    """``check_structure`` of a file's bytes (``header_bytes``, or the whole file)."""
+    return structure_findings(OutputScan.of(data), shown_as, profile)
 
-    def bad(element: str, what: str) -> None:
-        out.append(Finding(shown_as, element, what))
 
-    if ds.get("PatientIdentityRemoved") != "YES":
-        bad("PatientIdentityRemoved", "not YES")
-    for keyword in ("PatientID", "PatientName"):
-        if not PSEUDONYM.match(str(ds.get(keyword) or "")):
-            bad(keyword, "not a radrepo pseudonym")
-    if ds.get("PatientBirthDate"):
-        bad("PatientBirthDate", "has a value")
-    for elem in ds.iterall():
-        tag = int(elem.tag)
-        action = profile.action(tag)
-        name = elem.keyword or str(elem.tag)
-        if action == "X" and (tag >> 16) % 2 == 0:
-            bad(name, "present although the profile removes it")
-        elif action == "Z" and elem.VR != "SQ" and elem.value not in (None, ""):
-            bad(name, "has a value although the profile empties it")
-        elif action == "safe-private":
-            continue
-        elif elem.tag.is_private and profile.private_action == "X":
-            bad(name, "private element present")
-        elif not elem.tag.is_private and (tag & 0xFFFF) and not elem.keyword and (
-                tag >> 16) != 0xFFFE:
-            bad(name, "public element the dictionary does not know")
-        if elem.VR == "UI" and elem.value:
-            values = elem.value if elem.VM > 1 else [elem.value]
-            for v in values:
-                if str(v) not in UID_dictionary and not str(v).startswith("2.25."):
-                    bad(name, "UID not remapped")
-    meta_uid = str(ds.file_meta.get("MediaStorageSOPInstanceUID", ""))
-    if meta_uid != str(ds.get("SOPInstanceUID", "")):
-        bad("file meta MediaStorageSOPInstanceUID", "differs from SOP Instance UID")
-    if "SourceApplicationEntityTitle" in ds.file_meta:
-        bad("file meta SourceApplicationEntityTitle", "present")
+def structure_findings(scan: OutputScan, shown_as: str, profile: Profile) -> list[Finding]:
+    """``check_structure`` over a file's elements as the gate parsed them."""
+    buf = scan.buf
+    out: list[Finding] = []
+
+    def text(r) -> str:
+        return bytes(buf[r.value_start:r.value_end]).decode("latin-1").strip("\0 ")
+
+    top = {r.tag: r for r in scan.raws}
+    if IDENTITY_REMOVED not in top or text(top[IDENTITY_REMOVED]) != "YES":
+        out.append(Finding(shown_as, "PatientIdentityRemoved", "not YES"))
+    for tag, keyword in ((PATIENT_ID, "PatientID"), (PATIENT_NAME, "PatientName")):
+        if not PSEUDONYM.match(text(top[tag]) if tag in top else ""):
+            out.append(Finding(shown_as, keyword, "not a radrepo pseudonym"))
+    if BIRTH_DATE in top and text(top[BIRTH_DATE]):
+        out.append(Finding(shown_as, "PatientBirthDate", "has a value"))
+    for r in _every_element(buf, scan.raws):
+        what = _against_profile(r, text, profile)
+        if what:
+            out.append(Finding(shown_as, name_of(r.tag), what))
+    meta = {r.tag: r for r in scan.meta}
+    sop = text(top[SOP_INSTANCE_UID]) if SOP_INSTANCE_UID in top else ""
+    if (text(meta[MEDIA_SOP_INSTANCE]) if MEDIA_SOP_INSTANCE in meta else "") != sop:
+        out.append(Finding(shown_as, "file meta MediaStorageSOPInstanceUID",
+                           "differs from SOP Instance UID"))
+    if SOURCE_AE in meta:
+        out.append(Finding(shown_as, "file meta SourceApplicationEntityTitle", "present"))
     return out
+
+
+def _every_element(buf: memoryview, raws):
+    """Every element of a dataset, sequences and the elements of their items included."""
+    for r in raws:
+        yield r
+        if r.vr == b"SQ":
+            for start, end in items_of(buf, r):
+                yield from _every_element(buf, elements(buf, start, end)[0])
+
+
+def _against_profile(r, text, profile: Profile) -> str | None:
+    """What is wrong with one element by the profile (None when nothing)."""
+    tag, group = r.tag, r.tag >> 16
+    action = profile.action(tag)
+    private = group % 2 == 1
+    if action == "X" and not private:
+        return "present although the profile removes it"
+    if action == "Z" and r.vr != b"SQ" and text(r):
+        return "has a value although the profile empties it"
+    if action == "safe-private":
+        return None
+    if private and profile.private_action == "X":
+        return "private element present"
+    if not private and (tag & 0xFFFF) and group != 0xFFFE and keyword_for_tag(tag) == "":
+        return "public element the dictionary does not know"
+    if r.vr == b"UI":
+        for uid in text(r).split("\\"):
+            uid = uid.strip("\0 ")
+            if uid and uid not in UID_dictionary and not uid.startswith("2.25."):
+                return "UID not remapped"
+    return None
+
+
+def gate(data: bytes | memoryview, shown_as: str, matcher: IdentifierMatcher | None,
+         profile: Profile | None) -> tuple[list[Finding], OutputScan | None]:
+    """The verification gate on one DICOM file's bytes: its identifier findings (against
+    ``matcher``) and structure findings (against ``profile``), and its parse for later
+    scans. The flow, ``radrepo deidentify`` and ``radrepo verify`` all judge files so."""
+    try:
+        scan = OutputScan.of(data)
+    except MalformedDataset:
+        return [Finding(shown_as, "file", "not an explicit VR DICOM file")], None
+    findings = []
+    if profile is not None:
+        findings += structure_findings(scan, shown_as, profile)
+    if matcher is not None and not matcher.empty:
+        findings += [Finding(shown_as, element, "identifying value")
+                     for element in scan.holding(matcher)]
+    return findings, scan
 
 
 def raise_if_found(findings: list[Finding], limit: int = 20) -> None:
@@ -362,9 +434,7 @@ def scan_release_files(release: Release, matcher: IdentifierMatcher | None,
                 except MalformedDataset:
                     findings.append(Finding(rel, "file", "not an explicit VR DICOM file"))
                     continue
-            findings += check_header(data, rel, profile)
-            if matcher is not None:
-                findings += scan_header(data, rel, matcher)
+            findings += gate(data, rel, matcher, profile)[0]
     if matcher is not None:
         for path, rel in catalog_parts:
             findings += scan_table(rel, pq.read_table(path, filesystem=release.fs), matcher)

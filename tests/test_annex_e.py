@@ -149,7 +149,7 @@ def test_patterns_private_curve_and_overlay_removed(tmp_path):
 
 
 def test_retain_safe_private_keeps_only_the_safe_list(tmp_path):
-    from tasks.deidentify.study import DeidContext, SourceFile, deidentify_study
+    from tests.test_deidentify import one_pass, rows_of
 
     ds, _ = planted_dataset()
     safe = ds.private_block(0x0043, "GEMS_PARM_01", create=True)
@@ -158,9 +158,7 @@ def test_retain_safe_private_keeps_only_the_safe_list(tmp_path):
     ds.private_block(0x0029, "ACME PACS 1.0", create=True).add_new(0x10, "LO", "MRN-ANNEX")
     src = tmp_path / "private.dcm"
     pydicom.dcmwrite(src, ds, enforce_file_format=True)
-    (tmp_path / "out").mkdir()
-    ctx = DeidContext(KEYS, "site-x", (*OPTIONS, "retain_safe_private"), {}, str(tmp_path / "out"))
-    [row] = deidentify_study([SourceFile(0, "o0", str(src), None, None, None)], ctx).rows
+    [row] = rows_of(one_pass(tmp_path, [src], options=(*OPTIONS, "retain_safe_private")))
     out = pydicom.dcmread(row["output_path"])
     private = {int(e.tag): e.value for e in out if e.tag.is_private}
     assert private == {0x00430010: "GEMS_PARM_01", 0x00431027: "1.375"}

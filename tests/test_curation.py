@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 from datetime import date, datetime, timedelta
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -224,39 +222,30 @@ def test_double_store_is_excluded_and_same_time_different_images_stay():
     assert kept == {"2.25.b1": "2.25.a2", "2.25.b2": "2.25.a1"}
 
 
-def test_split_exam_parts_merge_into_one_study(tmp_path):
-    import pydicom
+def test_split_exam_parts_merge_into_one_study():
+    from tasks.dedupe import split_exam_targets
 
-    from tasks.dedupe import apply_merges
-    from tests.test_deidentify import identified_ct, run_study
+    def part(study: str, minutes: int, pixels: str) -> dict:
+        when = datetime(2014, 3, 12, 11, 52) + timedelta(minutes=minutes)
+        return {"study_uid": study, "patient": "P1", "exam_id": "E1",
+                "exam_time": f"{when:%Y%m%d-%H%M%S}", "study_date": "20140312",
+                "study_time": f"{when:%H%M%S}", "pixel_sha256": pixels}
 
-    sources = []
-    for i, study in enumerate(("1.2.50", "1.2.51", "1.2.52")):
-        path = tmp_path / f"part{i}.dcm"
-        identified_ct(path, sop=f"{study}.1", study=study)
-        sources.append(path)
-    rows = run_study(tmp_path, sources)
-    start = datetime(2014, 3, 12, 11, 52)
-    for row, minutes in zip(rows, (0, 9, 120), strict=True):
-        when = start + timedelta(minutes=minutes)
-        row.update(exam_key="e1", exam_time=when, study_time=f"{when:%H%M%S}")
-    t = pa.Table.from_pylist(rows, schema=DEIDENTIFIED)
-    empty = pa.Table.from_pylist([], schema=PUBLISHED_INSTANCES)
-    result = find_duplicates(t, set(), empty, "B1", split_minutes=30)
-    target = rows[0]["study_uid"]
-    assert set(result.merged) == {1}  # the part 2 hours later is another exam
-    [merge] = result.rows.to_pylist()
-    assert merge["kind"] == "split_merged" and merge["kept_uid"] == target
-    # one row per part merged away, naming studies at both ends
-    assert merge["level"] == "study" and merge["uid"] == rows[1]["study_uid"]
-    assert "9 minutes apart" in merge["evidence"]
-    moved = pydicom.dcmread(rows[1]["output_path"])
-    assert moved.StudyInstanceUID == target and moved.PatientID == rows[1]["patient_id"]
-    merged = {r["seq"]: r for r in apply_merges(t, result.merged).to_pylist()}
-    assert merged[1]["study_uid"] == target and merged[2]["study_uid"] == rows[2]["study_uid"]
-    data = Path(rows[1]["output_path"]).read_bytes()
-    assert merged[1]["sha256"] == hashlib.sha256(data).hexdigest()
-    assert merged[1]["size_bytes"] == len(data)
+    files = [part("1.2.50", 0, "a"), part("1.2.51", 9, "b"), part("1.2.51", 9, "c"),
+             part("1.2.52", 120, "d"), {**part("1.2.53", 5, "e"), "exam_id": "E2"}]
+    targets, merges = split_exam_targets(files, 30)
+    assert targets == {"1.2.51": "1.2.50"}  # 2 hours later is another exam; E2 another id
+    assert merges == [{"uid": "1.2.51", "kept_uid": "1.2.50", "gap_minutes": 9, "files": 2}]
+    other_patient = [{**f, "patient": "P2"} if f["study_uid"] == "1.2.51" else f
+                     for f in files]
+    assert split_exam_targets(other_patient, 30) == ({}, [])
+    result = find_duplicates(table(instance(0), instance(1, sop_uid="1.2.9.2")), set(),
+                             pa.Table.from_pylist([], schema=PUBLISHED_INSTANCES), "B1",
+                             merges=[{**merges[0], "uid": "2.25.51", "kept_uid": "2.25.50"}])
+    [row] = result.rows.to_pylist()
+    assert (row["kind"], row["level"], row["uid"], row["kept_uid"]) == (
+        "split_merged", "study", "2.25.51", "2.25.50")
+    assert "9 minutes apart; its 2 files merged into study 2.25.50" in row["evidence"]
 
 
 def test_exports_in_excel_and_parquet(tmp_path):

@@ -53,7 +53,7 @@ def kill_a_worker_while_deidentifying(address: str, stop: threading.Event) -> in
         pids = client.run(os.getpid)  # worker address -> the worker process's pid
         while not stop.is_set():
             for worker, keys in client.processing().items():
-                if any("deidentify_study" in str(key) for key in keys):
+                if any("process_unit" in str(key) for key in keys):
                     os.kill(pids[worker], signal.SIGKILL)
                     return pids[worker]
             time.sleep(0.05)

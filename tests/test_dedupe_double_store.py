@@ -7,7 +7,13 @@ from datetime import date, datetime, time
 
 import pyarrow as pa
 
-from tasks.dedupe import PUBLISHED_IMAGES, PUBLISHED_INSTANCES, find_duplicates, published_images
+from tasks.dedupe import (
+    PUBLISHED_IMAGES,
+    PUBLISHED_INSTANCES,
+    find_duplicates,
+    published_images,
+    split_exam_targets,
+)
 from tests.test_curation import instance, table
 
 NO_SOPS = pa.Table.from_pylist([], schema=PUBLISHED_INSTANCES)
@@ -66,9 +72,13 @@ def test_copies_sharing_an_exam_id_are_a_double_store_not_a_split_exam(tmp_path)
                        output_path=str(staged[0]), **exam),
               instance(1, study_uid="2.25.1", sop_uid="2.25.11", pixel_sha256="px1",
                        output_path=str(staged[1]), **exam))
-    result = find_duplicates(t, set(), NO_SOPS, "B1", split_minutes=30)
+    result = find_duplicates(t, set(), NO_SOPS, "B1")
     assert result.excluded == {1: "double_store"}
-    assert result.merged == {}
+    # and the one pass, deciding split exams before writing, takes the copy for no part
+    part = {"patient": "P1", "exam_id": "E1", "exam_time": "20150101-101010",
+            "study_date": "20150101", "study_time": "101010", "pixel_sha256": "px1"}
+    assert split_exam_targets([{**part, "study_uid": "1.2.9"},
+                               {**part, "study_uid": "1.2.1"}], 30) == ({}, [])
     [row] = result.rows.to_pylist()
     assert (row["kind"], row["uid"], row["kept_uid"]) == ("double_store", "2.25.11", "2.25.91")
     assert "study 2.25.9 " in row["evidence"]  # the kept study, still in the catalog

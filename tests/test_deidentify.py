@@ -12,10 +12,12 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from flows.one_pass import BatchPass, PassContext, read_batch
+from tasks import indexing
 from tasks.deidentify.keys import PseudonymKeys
 from tasks.deidentify.profile import load_profile
 from tasks.deidentify.remap import RemapError, load_remap
-from tasks.deidentify.study import DeidContext, SourceFile, deidentify_study
+from tasks.deidentify.study import DeidContext
 
 KEYS = PseudonymKeys(b"unit-test-secret-123456")
 OPTIONS = ("retain_long_modif_dates", "retain_patient_chars", "clean_descriptors")
@@ -78,13 +80,26 @@ def identified_ct(path: Path, *, sop: str = "1.2.3.4.5.6.7", study: str = "1.2.3
     return pixels
 
 
+def one_pass(tmp_path: Path, paths: list[Path], remap=None, options=OPTIONS) -> BatchPass:
+    """``paths`` through the one pass as one work unit, into tmp_path/out."""
+    ctx = PassContext(DeidContext(keys=KEYS, site_id="site-x", options=options,
+                                  remap=remap or {}),
+                      str(tmp_path / "out"), str(tmp_path / "quarantine"))
+    unit = indexing.WorkUnit("/", tuple(indexing.UnitObject(str(p.resolve())[1:])
+                                        for p in paths))
+    return read_batch([unit], ctx)
+
+
+def rows_of(done: BatchPass) -> list[dict]:
+    """One row per object in order: its de-identified row, or its ingest refusal."""
+    deidentified = {r["seq"]: r for r in done.deidentified.to_pylist()}
+    return [deidentified.get(r["seq"], {k: r[k] for k in ("seq", "object_id", "status",
+                                                         "reason")})
+            for r in done.index.to_pylist()]
+
+
 def run_study(tmp_path: Path, paths: list[Path], remap=None) -> list[dict]:
-    out = tmp_path / "out"
-    out.mkdir(exist_ok=True)
-    ctx = DeidContext(keys=KEYS, site_id="site-x", options=OPTIONS, remap=remap or {},
-                      out_dir=str(out))
-    files = [SourceFile(i, f"o{i}", str(p), None, None, None) for i, p in enumerate(paths)]
-    return deidentify_study(files, ctx).rows
+    return rows_of(one_pass(tmp_path, paths, remap))
 
 
 def test_keys_are_deterministic_valid_and_keyed():
@@ -200,7 +215,7 @@ def test_bad_files_are_quarantined_without_quoting_values(tmp_path):
     ds.save_as(no_pid)
     rows = run_study(tmp_path, [good, bad, no_pid])
     assert [r["status"] for r in rows] == ["ok", "quarantined", "quarantined"]
-    assert rows[1]["reason"].startswith("unreadable DICOM")
+    assert rows[1]["reason"] == "not DICOM"
     assert rows[2]["reason"] == "no Patient ID"
     assert all("DOE" not in (r["reason"] or "") for r in rows)
 

@@ -16,8 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from schemas.config import SiteConfig
-from tasks import ingest
+from tasks import discovery, ledger
 from tasks.failures import SourceUnavailable
+from tests.passes import take_batch
 from tests.test_deidentify import identified_ct
 from tests.test_s3 import s3_endpoint  # noqa: F401, F811 - the moto S3 server fixture
 
@@ -148,9 +149,9 @@ def test_hostile_entry_is_quarantined_and_the_batch_goes_on(tmp_path, entry, kin
     prefix = f"{ZIP_FOLDER}/" if kind == "zip_batches" else ""
     cfg = _site(kind, src)
 
-    batches = _within(30, ingest.discover_batches, cfg, work, set())
+    batches = _within(30, discovery.discover_batches, cfg, work, set())
     rows = [r for b in batches for r in _within(
-        30, ingest.ingest_batch, b, cfg.source, work).index.to_pylist()]
+        30, take_batch, cfg, b, work).index.to_pylist()]
     by_key = {r["key"]: r for r in rows}
     assert by_key[prefix + "good.dcm"]["status"] == "ok"
     quarantined = by_key[prefix + bad]
@@ -173,12 +174,12 @@ def test_a_bad_entry_is_not_taken_again_once_its_batch_is_published(tmp_path):
     _fifo(src, tmp_path)
     _dangling(src, tmp_path)
     cfg = _site("folder", src)
-    [first] = ingest.discover_batches(cfg, work, set())
-    index = ingest.ingest_batch(first, cfg.source, work).index
-    ingest.record_ingested(first, index, work)
-    assert ingest.discover_batches(cfg, work, {first.batch_id}) == []
+    [first] = discovery.discover_batches(cfg, work, set())
+    index = take_batch(cfg, first, work).index
+    ledger.record_ingested(first, index, work)
+    assert discovery.discover_batches(cfg, work, {first.batch_id}) == []
     identified_ct(src / "new.dcm", sop="1.2.78.2")
-    [second] = ingest.discover_batches(cfg, work, {first.batch_id})
+    [second] = discovery.discover_batches(cfg, work, {first.batch_id})
     assert [o.key for o in second.objects] == ["new.dcm"]
 
 
@@ -188,10 +189,10 @@ def test_an_entry_that_turns_into_a_fifo_after_discovery_never_blocks_ingest(tmp
     identified_ct(src / "a.dcm", sop="1.2.79.1")
     identified_ct(src / "b.dcm", sop="1.2.79.2")
     cfg = _site("flat", src)
-    [batch] = ingest.discover_batches(cfg, work, set())
+    [batch] = discovery.discover_batches(cfg, work, set())
     (src / "b.dcm").unlink()
     os.mkfifo(src / "b.dcm")
-    rows = _within(30, ingest.ingest_batch, batch, cfg.source, work).index.to_pylist()
+    rows = _within(30, take_batch, cfg, batch, work).index.to_pylist()
     assert [(r["key"], r["reason"]) for r in rows] == [
         ("a.dcm", None), ("b.dcm", "not a regular file (FIFO)")]
 
@@ -203,13 +204,14 @@ WITHOUT_OVERRIDE = (["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
 PERMISSION_CHECK = """
 import json, os, sys
 from schemas.config import SiteConfig
-from tasks import ingest
+from tasks import discovery
+from tests.passes import take_batch
 src, work, stage = sys.argv[1:4]
 cfg = SiteConfig(site_id="s1", source={"kind": "flat", "path": src})
-batches = ingest.discover_batches(cfg, work, set())
+batches = discovery.discover_batches(cfg, work, set())
 if stage == "ingest":
     os.chmod(os.path.join(src, "b.dcm"), 0)
-rows = [r for b in batches for r in ingest.ingest_batch(b, cfg.source, work).index.to_pylist()]
+rows = [r for b in batches for r in take_batch(cfg, b, work).index.to_pylist()]
 print(json.dumps([(r["key"], r["reason"]) for r in rows]))
 """
 
@@ -243,7 +245,7 @@ def test_unreadable_file_or_folder_is_quarantined_as_permission_denied(tmp_path,
 def test_a_missing_source_fails_with_one_line_naming_the_site(tmp_path, kind):
     hidden = tmp_path / "SMITH_JOHN-exports"
     with pytest.raises(SourceUnavailable) as caught:
-        ingest.discover_batches(_site(kind, hidden), str(tmp_path / "work"), set())
+        discovery.discover_batches(_site(kind, hidden), str(tmp_path / "work"), set())
     message = str(caught.value)
     assert message == "site s1: the source folder is missing or unreadable"
     assert caught.value.__cause__ is None and (
@@ -253,7 +255,7 @@ def test_a_missing_source_fails_with_one_line_naming_the_site(tmp_path, kind):
 def test_a_source_that_is_a_file_is_unavailable(tmp_path):
     (tmp_path / "src").write_text("not a folder")
     with pytest.raises(SourceUnavailable, match=r"^site s1: "):
-        ingest.discover_batches(_site("folder", tmp_path / "src"), str(tmp_path / "w"), set())
+        discovery.discover_batches(_site("folder", tmp_path / "src"), str(tmp_path / "w"), set())
 
 
 def test_a_missing_clinical_export_fails_with_one_line_naming_the_site(tmp_path):
@@ -281,16 +283,16 @@ def test_on_s3_an_object_that_vanishes_is_quarantined_and_a_missing_prefix_is_on
     cfg = SiteConfig(site_id="s1", source={"kind": "folder", "path": "s3://radrepo-hostile/s1",
                                            "storage_options": options})
     work = str(tmp_path / "work")
-    [batch] = ingest.discover_batches(cfg, work, set())
+    [batch] = discovery.discover_batches(cfg, work, set())
     fs.rm("radrepo-hostile/s1/p/1.2.81.2.dcm")
     fs.invalidate_cache()
-    rows = ingest.ingest_batch(batch, cfg.source, work).index.to_pylist()
+    rows = take_batch(cfg, batch, work).index.to_pylist()
     assert [(r["key"], r["reason"]) for r in rows] == [
         ("p/1.2.81.1.dcm", None), ("p/1.2.81.2.dcm", "file vanished during ingest")]
     gone = SiteConfig(site_id="s1", source={"kind": "folder", "path": "s3://radrepo-hostile/nope",
                                             "storage_options": options})
     with pytest.raises(SourceUnavailable) as caught:
-        ingest.discover_batches(gone, work, set())
+        discovery.discover_batches(gone, work, set())
     assert str(caught.value) == "site s1: the source folder is missing or unreadable"
 
 
@@ -326,8 +328,8 @@ def test_a_zip_with_a_corrupt_stream_or_a_bad_member_name_is_quarantined(tmp_pat
     identified_ct(src / "good.dcm", sop="1.2.80.1")
     make(src / "bad.zip")
     cfg = _site("flat", src)
-    [batch] = ingest.discover_batches(cfg, work, set())
-    rows = ingest.ingest_batch(batch, cfg.source, work).index.to_pylist()
+    [batch] = discovery.discover_batches(cfg, work, set())
+    rows = take_batch(cfg, batch, work).index.to_pylist()
     assert {r["key"]: r["status"] for r in rows}["good.dcm"] == "ok"
     assert reason in [r["reason"] for r in rows if r["key"].startswith("bad.zip")]
 
@@ -345,8 +347,8 @@ def test_an_entry_too_deep_to_look_at_is_quarantined_not_fatal(tmp_path):
     os.close(os.open("f" * 250, os.O_CREAT | os.O_WRONLY, dir_fd=fd))  # its path is too long
     os.close(fd)
     cfg = _site("flat", src)
-    [batch] = ingest.discover_batches(cfg, work, set())
-    rows = ingest.ingest_batch(batch, cfg.source, work).index.to_pylist()
+    [batch] = discovery.discover_batches(cfg, work, set())
+    rows = take_batch(cfg, batch, work).index.to_pylist()
     assert {r["key"]: r["status"] for r in rows}["good.dcm"] == "ok"
     assert [r["reason"] for r in rows if r["key"].endswith("f" * 250)] == [
         "unreadable (OSError)"]

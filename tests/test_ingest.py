@@ -1,4 +1,5 @@
-"""Ingest: batch discovery, zip batches, the ledger, and every bad-input path."""
+"""Ingest: batch discovery, zip batches, the ledger, reading each object, and every bad-input
+path."""
 
 from __future__ import annotations
 
@@ -6,13 +7,12 @@ import os
 import zipfile
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pydicom
 
 from schemas.config import SiteConfig
-from schemas.pipeline import SOURCE_INDEX
-from tasks import ingest
+from tasks import discovery, ledger
+from tests.passes import take_batch
 from tests.test_deidentify import identified_ct
 
 
@@ -40,12 +40,11 @@ def site(kind: str, path: Path) -> SiteConfig:
 def test_zip_batches_skip_in_progress_and_parse_exam_names(tmp_path):
     src = tmp_path / "src"
     zip_site(src)
-    batches = ingest.discover_batches(site("zip_batches", src), str(tmp_path / "work"), set())
+    batches = discovery.discover_batches(site("zip_batches", src), str(tmp_path / "work"), set())
     assert [b.batch_id for b in batches] == ["CT-UPDATE-20200519", "CXR-UPDATE-20200523"]
-    assert ingest.discover_batches(site("zip_batches", src), str(tmp_path / "work"),
+    assert discovery.discover_batches(site("zip_batches", src), str(tmp_path / "work"),
                                    {"CT-UPDATE-20200519"})[0].batch_id == "CXR-UPDATE-20200523"
-    result = ingest.ingest_batch(batches[1], site("zip_batches", src).source,
-                                 str(tmp_path / "work"))
+    result = take_batch(site("zip_batches", src), batches[1], str(tmp_path / "work"))
     rows = result.index.to_pylist()
     assert [r["status"] for r in rows] == ["ok", "quarantined"]
     dicom, readme = rows
@@ -54,9 +53,9 @@ def test_zip_batches_skip_in_progress_and_parse_exam_names(tmp_path):
     assert dicom["member_path"] == "1_AXIAL/IM0001.dcm"
     assert dicom["sop_uid"].startswith("1.2.9.")
     assert readme["reason"] == "not DICOM"
-    # staged under the private work folder by opaque id, never by the identifying zip name
-    assert Path(dicom["staged_path"]).is_relative_to(tmp_path / "work")
-    assert "1234" not in Path(dicom["staged_path"]).name
+    # streamed out of the zip once: never staged, nor named by the identifying zip name
+    assert dicom["staged_path"] is None and "1234" not in dicom["object_id"]
+    assert not (tmp_path / "work" / "s1" / "staging" / batches[1].batch_id / "source").exists()
     saved = pq.read_table(tmp_path / "work" / "s1" / "index" / "CXR-UPDATE-20200523.parquet")
     assert saved.num_rows == 2
     quarantine = pq.read_table(
@@ -68,15 +67,15 @@ def test_zip_batches_take_only_new_and_newly_complete_batches(tmp_path):
     src, work = tmp_path / "src", str(tmp_path / "work")
     zip_site(src)
     config = site("zip_batches", src)
-    published = {b.batch_id for b in ingest.discover_batches(config, work, set())}
-    assert ingest.discover_batches(config, work, published) == []  # unchanged source
+    published = {b.batch_id for b in discovery.discover_batches(config, work, set())}
+    assert discovery.discover_batches(config, work, published) == []  # unchanged source
     (src / "CT-UPDATE-20200602-IN-PROGRESS").rename(src / "CT-UPDATE-20200602-COMPLETE")
-    [done] = ingest.discover_batches(config, work, published)
+    [done] = discovery.discover_batches(config, work, published)
     assert done.batch_id == "CT-UPDATE-20200602" and len(done.objects) == 1
     published.add(done.batch_id)
     (src / "CXR-UPDATE-20200610-COMPLETE").mkdir()
     identified_ct(src / "CXR-UPDATE-20200610-COMPLETE" / "x.dcm", sop="1.2.9.77")
-    [added] = ingest.discover_batches(config, work, published)
+    [added] = discovery.discover_batches(config, work, published)
     assert added.batch_id == "CXR-UPDATE-20200610"
     assert [o.key for o in added.objects] == ["CXR-UPDATE-20200610-COMPLETE/x.dcm"]
 
@@ -86,16 +85,17 @@ def test_folder_source_is_incremental_through_the_ledger(tmp_path):
     (src / "p1").mkdir(parents=True)
     identified_ct(src / "p1" / "a.dcm", sop="1.2.5.1")
     cfg = site("folder", src)
-    [first] = ingest.discover_batches(cfg, work, set())
-    ingest.record_ingested(first, SOURCE_INDEX.empty_table(), work)
+    [first] = discovery.discover_batches(cfg, work, set())
+    ledger.record_ingested(first, take_batch(cfg, first, work).index, work)
     published = {first.batch_id}
-    assert ingest.discover_batches(cfg, work, published) == []
+    assert discovery.discover_batches(cfg, work, published) == []
     os.utime(src / "p1" / "a.dcm", (1, 1))  # touched, same bytes: still nothing new
-    assert ingest.discover_batches(cfg, work, published) == []
+    assert discovery.discover_batches(cfg, work, published) == []
     # the ledger vouches only for published batches: a rebuilt release takes everything again
-    assert [b.batch_id for b in ingest.discover_batches(cfg, work, set())] == [first.batch_id]
+    [again] = discovery.discover_batches(cfg, work, set())
+    assert [o.key for o in again.objects] == ["p1/a.dcm"]
     identified_ct(src / "p1" / "b.dcm", sop="1.2.5.2")
-    [second] = ingest.discover_batches(cfg, work, published)
+    [second] = discovery.discover_batches(cfg, work, published)
     assert [o.key for o in second.objects] == ["p1/b.dcm"]
     assert second.batch_id != first.batch_id and second.batch_id.startswith("folder-")
 
@@ -113,25 +113,28 @@ def test_bad_inputs_are_quarantined_with_reasons(tmp_path):
     (src / "link.dcm").symlink_to(outside)
     with zipfile.ZipFile(src / "bomb.zip", "w", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("zeros.dcm", b"\0" * (4 << 20))
-    [batch] = ingest.discover_batches(site("flat", src), str(work), set())
-    result = ingest.ingest_batch(batch, site("flat", src).source, str(work))
-    reasons = {r["key"]: r["reason"] for r in result.index.to_pylist()}
+    [batch] = discovery.discover_batches(site("flat", src), str(work), set())
+    result = take_batch(site("flat", src), batch, str(work))
+    reasons = {r["key"]: r["reason"] for r in result.quarantine.to_pylist()}
     assert reasons == {
         "bomb.zip!zeros.dcm": "zip entry compression ratio too high (zip bomb)",
         "broken.zip": "corrupt zip archive (BadZipFile)",
         "empty": "not DICOM",
-        "good.dcm": None,
         "link.dcm": "symlink leads outside the source folder",
         "notes.txt": "not DICOM",
-        "truncated.dcm": "no SOP Instance UID",
+        "truncated.dcm": "truncated file (data ends before the header says)",
     }
-    assert result.quarantine.num_rows == 6
+    assert result.index.num_rows == 7 and result.deidentified.column("status").to_pylist() == [
+        "ok", "quarantined"]  # good.dcm, and truncated.dcm refused once it was parsed
     # nothing was written outside the private work folder
     assert sorted(p.name for p in tmp_path.iterdir()) == ["outside.dcm", "src", "work"]
     assert sorted(p.name for p in src.iterdir()) == sorted(
         ["good.dcm", "notes.txt", "empty", "truncated.dcm", "broken.zip", "link.dcm", "bomb.zip"])
-    quarantined_copies = list((work / "s1" / "quarantine" / batch.batch_id).iterdir())
-    assert len(quarantined_copies) >= 5
+    # the bytes of each object refused once read are kept in the private zone to look at
+    folder = work / "s1" / "quarantine" / batch.batch_id
+    ids = {r["key"]: r["object_id"] for r in result.index.to_pylist()}
+    for key in ("notes.txt", "truncated.dcm", "empty"):
+        assert (folder / ids[key]).read_bytes() == (src / key).read_bytes()
 
 
 def test_vanished_file_is_quarantined(tmp_path):
@@ -139,9 +142,9 @@ def test_vanished_file_is_quarantined(tmp_path):
     src.mkdir()
     identified_ct(src / "a.dcm", sop="1.2.7.1")
     identified_ct(src / "b.dcm", sop="1.2.7.2")
-    [batch] = ingest.discover_batches(site("flat", src), work, set())
+    [batch] = discovery.discover_batches(site("flat", src), work, set())
     (src / "b.dcm").unlink()
-    rows = ingest.ingest_batch(batch, site("flat", src).source, work).index.to_pylist()
+    rows = take_batch(site("flat", src), batch, work).index.to_pylist()
     assert [(r["key"], r["reason"]) for r in rows] == [
         ("a.dcm", None), ("b.dcm", "file vanished during ingest")]
 
@@ -149,8 +152,8 @@ def test_vanished_file_is_quarantined(tmp_path):
 def test_detect_source_kind(tmp_path):
     zip_site(tmp_path / "zips")
     (tmp_path / "tree" / "p").mkdir(parents=True)
-    assert ingest.detect_source_kind(str(tmp_path / "zips")) == "zip_batches"
-    assert ingest.detect_source_kind(str(tmp_path / "tree")) == "folder"
+    assert discovery.detect_source_kind(str(tmp_path / "zips")) == "zip_batches"
+    assert discovery.detect_source_kind(str(tmp_path / "tree")) == "folder"
 
 
 def test_dicomdir_is_recognised_and_never_passed_on(tmp_path):
@@ -164,9 +167,8 @@ def test_dicomdir_is_recognised_and_never_passed_on(tmp_path):
     fileset = FileSet()
     fileset.add(str(tmp_path / "a.dcm"))
     fileset.write(media)
-    [batch] = ingest.discover_batches(site("folder", media), str(tmp_path / "work"), set())
-    rows = ingest.ingest_batch(batch, site("folder", media).source,
-                                str(tmp_path / "work")).index.to_pylist()
+    [batch] = discovery.discover_batches(site("folder", media), str(tmp_path / "work"), set())
+    rows = take_batch(site("folder", media), batch, str(tmp_path / "work")).index.to_pylist()
     reasons = {r["key"].rsplit("/", 1)[-1]: r["reason"] for r in rows}
     assert reasons.pop("DICOMDIR") == "DICOMDIR index file (not an image)"
     assert list(reasons.values()) == [None]  # the image it indexes is ingested as usual
@@ -176,7 +178,7 @@ def test_folders_outside_the_batch_scheme_get_opaque_batch_ids(tmp_path):
     src = tmp_path / "src"
     (src / "SMITH_JOHN").mkdir(parents=True)
     identified_ct(src / "SMITH_JOHN" / "a.dcm", sop="1.2.8.1")
-    [batch] = ingest.discover_batches(site("zip_batches", src), str(tmp_path / "work"), set())
+    [batch] = discovery.discover_batches(site("zip_batches", src), str(tmp_path / "work"), set())
     assert batch.batch_id.startswith("batch-") and "SMITH" not in batch.batch_id
 
 
@@ -184,11 +186,10 @@ def test_loose_files_beside_batch_folders_are_not_lost(tmp_path):
     src = tmp_path / "src"
     zip_site(src)
     (src / "export-notes.txt").write_text("sent by PACS admin")
-    batches = ingest.discover_batches(site("zip_batches", src), str(tmp_path / "work"), set())
+    batches = discovery.discover_batches(site("zip_batches", src), str(tmp_path / "work"), set())
     loose = [b for b in batches if b.batch_id.startswith("loose-")]
     assert len(loose) == 1 and [o.key for o in loose[0].objects] == ["export-notes.txt"]
-    rows = ingest.ingest_batch(loose[0], site("zip_batches", src).source,
-                               str(tmp_path / "work")).index.to_pylist()
+    rows = take_batch(site("zip_batches", src), loose[0], str(tmp_path / "work")).index.to_pylist()
     assert [(r["key"], r["reason"]) for r in rows] == [("export-notes.txt", "not DICOM")]
 
 
@@ -197,44 +198,39 @@ def test_folder_discovery_counts_what_it_skips(tmp_path):
     src.mkdir()
     identified_ct(src / "a.dcm", sop="1.2.5.1")
     cfg = site("folder", src)
-    [first] = ingest.discover_batches(cfg, work, set())
-    ingest.record_ingested(first, SOURCE_INDEX.empty_table(), work)
+    [first] = discovery.discover_batches(cfg, work, set())
+    ledger.record_ingested(first, take_batch(cfg, first, work).index, work)
     identified_ct(src / "b.dcm", sop="1.2.5.2")
-    [second] = ingest.discover_batches(cfg, work, {first.batch_id})
+    [second] = discovery.discover_batches(cfg, work, {first.batch_id})
     assert second.already_ingested == 1 and len(second.objects) == 1
-    ingest.save_pending(second, work)
-    assert ingest.load_pending(work, "s1", second.batch_id) == second
+    ledger.save_pending(second, work)
+    assert ledger.load_pending(work, "s1", second.batch_id) == second
 
 
 def test_objects_refused_later_join_the_quarantine(tmp_path):
     src, work = tmp_path / "src", str(tmp_path / "work")
     src.mkdir()
     identified_ct(src / "a.dcm", sop="1.2.9.1")
+    ds = pydicom.dcmread(src / "a.dcm")
+    del ds.PatientID
+    ds.save_as(src / "a.dcm")
     (src / "b.txt").write_text("not an image")
-    [batch] = ingest.discover_batches(site("flat", src), work, set())
-    index = ingest.ingest_batch(batch, site("flat", src).source, work).index
-    ok_id = index.to_pylist()[0]["object_id"]
-    refused = pa.table({"object_id": [ok_id], "status": ["quarantined"],
-                        "reason": ["no Patient ID"]})
-    ingest.quarantine_later(index, refused, "deidentify", work, "s1", batch.batch_id)
+    [batch] = discovery.discover_batches(site("flat", src), work, set())
+    done = take_batch(site("flat", src), batch, work)
     folder = tmp_path / "work" / "s1" / "quarantine" / batch.batch_id
     rows = pq.read_table(folder / "quarantine.parquet").to_pylist()
     assert [(r["key"], r["stage"], r["reason"]) for r in rows] == [
-        ("b.txt", "ingest", "not DICOM"), ("a.dcm", "deidentify", "no Patient ID")]
+        ("a.dcm", "deidentify", "no Patient ID"), ("b.txt", "ingest", "not DICOM")]
+    ok_id = done.index.to_pylist()[0]["object_id"]
     assert (folder / ok_id).read_bytes() == (src / "a.dcm").read_bytes()
 
 
-def test_restarted_ingest_of_a_batch_neither_duplicates_nor_loses(tmp_path):
+def test_a_rerun_of_a_batch_reads_it_again_alike(tmp_path):
     src, work = tmp_path / "src", str(tmp_path / "work")
     zip_site(src)
     config = site("zip_batches", src)
-    batch = ingest.discover_batches(config, work, set())[0]
-    clean = ingest.ingest_batch(batch, config.source, work).index
-    # as a run killed while staging leaves it: a half-written member and a stray one
-    staging = tmp_path / "work" / "s1" / "staging" / batch.batch_id / "source"
-    staged = sorted(staging.iterdir())
-    staged[0].write_bytes(staged[0].read_bytes()[:100])
-    (staging / "o0000099").write_bytes(b"partial")
-    again = ingest.ingest_batch(batch, config.source, work).index
-    assert again.equals(clean)
-    assert sorted(staging.iterdir()) == staged
+    batch = discovery.discover_batches(config, work, set())[0]
+    clean = take_batch(config, batch, work)
+    again = take_batch(config, batch, work)
+    assert again.index.equals(clean.index) and again.deidentified.equals(clean.deidentified)
+    assert not (tmp_path / "work" / "s1" / "staging" / batch.batch_id / "source").exists()

@@ -26,13 +26,11 @@ from pydicom.sequence import Sequence
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from schemas.config import parse_config
-from schemas.pipeline import OK, QUARANTINED, SOURCE_INDEX
+from schemas.pipeline import OK, QUARANTINED
 from tasks import verify
-from tasks.deidentify import deidentify_batch
 from tasks.deidentify.profile import load_profile
-from tasks.deidentify.study import DeidContext, SourceFile, deidentify_study
 from tasks.deidentify.text import IdentifierMatcher, birth_date_forms, clean_free_text
-from tests.test_deidentify import KEYS, OPTIONS
+from tests.test_deidentify import OPTIONS, one_pass, rows_of
 
 PIXELS = bytes(range(32))
 
@@ -72,13 +70,10 @@ def write(ds: Dataset, path: Path, implicit: bool = False) -> Path:
 
 
 def deidentify(tmp_path: Path, paths: list[Path], options=OPTIONS):
-    """Rows and identifiers of one study's files, de-identified into tmp_path/out."""
-    out = tmp_path / "out"
-    out.mkdir(exist_ok=True)
-    ctx = DeidContext(KEYS, "site-x", options, {}, str(out))
-    files = [SourceFile(i, f"o{i}", str(p), None, None, None) for i, p in enumerate(paths)]
-    result = deidentify_study(files, ctx)
-    return result.rows, IdentifierMatcher(result.identifiers)
+    """Rows and identifiers of one study's files, through the one pass (its gate included)
+    into tmp_path/out."""
+    done = one_pass(tmp_path, paths, options=options)
+    return rows_of(done), IdentifierMatcher(done.identifiers)
 
 
 def decoded_values(path: str) -> list[str]:
@@ -307,9 +302,7 @@ def test_innocent_names_are_not_blocked_by_radrepos_own_text(tmp_path, name):
     ds.SeriesDescription = "SCREEN SAVE"  # the whole name of one patient: removed for them
     raw = write(ds, tmp_path / "in.dcm")
     rows, matcher = deidentify(tmp_path, [raw])
-    table = pa.Table.from_pylist(rows, schema=None)
-    gated = verify.gate_deidentified(table, matcher)
-    assert gated.column("status").to_pylist() == [OK]
+    assert [r["status"] for r in rows] == [OK]  # the one pass's gate let it through
     out = pydicom.dcmread(rows[0]["output_path"])
     assert "Clean Descriptors Option" in [c.CodeMeaning for c in
                                           out.DeidentificationMethodCodeSequence]
@@ -439,19 +432,12 @@ def test_planted_identifiers_never_reach_the_output(tmp_path, family, given_name
     dirty = write(ds, case / "dirty.dcm")
     innocent = base(name="SMITH^JOHN", pid="M000111", sop="1.2.4.4.4")
     write(innocent, case / "innocent.dcm")
-    index = pa.Table.from_pylist([
-        {"seq": i, "object_id": f"o{i}", "key": f"k{i}", "staged_path": str(p), "status": OK,
-         "study_uid": "s"} for i, p in enumerate([dirty, case / "innocent.dcm"])],
-        schema=SOURCE_INDEX)
-    ctx = DeidContext(KEYS, "site-x", OPTIONS, {}, str(case / "out"))
-    identifiers = case / "identifiers.parquet"
-    table = deidentify_batch(index, ctx, str(identifiers))
-    gated = verify.gate_deidentified(table, verify.read_identifiers([identifiers]))
-    statuses = gated.column("status").to_pylist()
-    assert len(statuses) == index.num_rows and set(statuses) <= {OK, QUARANTINED}
-    assert statuses == [OK, OK], gated.column("reason").to_pylist()
+    done = one_pass(case, [dirty, case / "innocent.dcm"])
+    statuses = done.deidentified.column("status").to_pylist()
+    assert len(statuses) == done.index.num_rows and set(statuses) <= {OK, QUARANTINED}
+    assert statuses == [OK, OK], done.deidentified.column("reason").to_pylist()
     planted = [family, given_name, values["date"]]
-    for row in gated.to_pylist():
+    for row in done.deidentified.to_pylist():
         text = " | ".join(decoded_values(row["output_path"]))
         data = Path(row["output_path"]).read_bytes()
         for value in planted:

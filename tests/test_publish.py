@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from datetime import UTC, datetime
+from pathlib import Path
 
 import duckdb
 import pyarrow as pa
@@ -103,7 +104,7 @@ def test_empty_release_has_queryable_views(tmp_path):
 def test_contact_sheet_lists_flagged_series_first_with_thumbnails(tmp_path):
     from PIL import Image
 
-    from tasks.contact_sheet import contact_sheet
+    from tasks.contact_sheet import contact_sheet, thumbnail_png
     from tests.test_deidentify import identified_ct, run_study
 
     sources = [tmp_path / "a.dcm", tmp_path / "b.dcm"]
@@ -117,8 +118,9 @@ def test_contact_sheet_lists_flagged_series_first_with_thumbnails(tmp_path):
     qc = pa.Table.from_pylist([{"level": "series", "uid": rows[1]["series_uid"],
                                 "rule": "radiograph_not_frontal", "outcome": "flagged",
                                 "detail": "view position LL is not frontal"}], schema=cat.QC)
-    files = {r["series_uid"]: r["output_path"] for r in rows}
-    out = contact_sheet("s1", "B1", series, qc, files)
+    thumbnails = {r["series_uid"]: thumbnail_png(Path(r["output_path"]).read_bytes())
+                  for r in rows}
+    out = contact_sheet("s1", "B1", series, qc, thumbnails)
     page = out["reports/s1/B1/contact-sheet.html"].decode()
     assert page.index(rows[1]["series_uid"]) < page.index(rows[0]["series_uid"])
     assert "2 published series, 1 flagged" in page and "CHEST &lt;b&gt;" in page
@@ -146,7 +148,7 @@ def test_contact_sheet_decodes_compressed_pixel_data(tmp_path):
         ds.save_as(src)
         [row] = run_study(tmp_path, [src])
         assert row["transfer_syntax"] == syntax  # passed through, not re-encoded
-        png = thumbnail_png(row["output_path"])
+        png = thumbnail_png(Path(row["output_path"]).read_bytes())
         assert png is not None and png.startswith(b"\x89PNG")
 
 
@@ -178,7 +180,7 @@ def test_thumbnails_of_large_images_are_averaged_down_before_windowing(tmp_path)
     assert grey[0, 0] == 255 and grey[0, -1] == 0  # MONOCHROME1: low values are white
     line = 501 // step
     assert (grey[line, :50] < grey[line - 1, :50]).all()  # the line still shows
-    png = thumbnail_png(str(src))
+    png = thumbnail_png(src.read_bytes())
     assert png is not None and png.startswith(b"\x89PNG")
     thin = pydicom.dcmread(src)  # a strip thinner than one block still gets a thumbnail
     thin.Rows, thin.PixelData = 3, ramp[:3].tobytes()

@@ -12,8 +12,9 @@ import pydicom
 import pytest
 
 from schemas.config import SiteConfig
-from tasks import ingest
+from tasks import discovery, ledger
 from tests.moto_s3 import moto_s3
+from tests.passes import take_batch
 
 COMPARED = ("key", "size", "sha256", "status", "reason", "patient_id", "study_uid",
             "series_uid", "sop_uid", "sop_class_uid", "modality", "exam_id", "exam_time",
@@ -42,19 +43,18 @@ def test_zip_batches_on_s3_index_like_the_local_copy(s3_endpoint, corpus, tmp_pa
     local = SiteConfig(site_id=site_id, source={"kind": "zip_batches", "path": str(local_root)})
     remote = SiteConfig(site_id=site_id, source={
         "kind": "zip_batches", "path": "s3://radrepo-sources/site-a", "storage_options": options})
-    local_batches = ingest.discover_batches(local, str(tmp_path / "work-local"), set())
-    remote_batches = ingest.discover_batches(remote, str(tmp_path / "work-s3"), set())
+    local_batches = discovery.discover_batches(local, str(tmp_path / "work-local"), set())
+    remote_batches = discovery.discover_batches(remote, str(tmp_path / "work-s3"), set())
     assert [b.batch_id for b in remote_batches] == [b.batch_id for b in local_batches]
     assert [b.batch_id for b in remote_batches] == sorted(
         b for b, info in site["batches"].items() if info["complete"])
     for lb, rb in zip(local_batches, remote_batches, strict=True):
-        want = ingest.ingest_batch(lb, local.source, str(tmp_path / "work-local")).index
-        got = ingest.ingest_batch(rb, remote.source, str(tmp_path / "work-s3")).index
+        want = take_batch(local, lb, str(tmp_path / "work-local")).index
+        got = take_batch(remote, rb, str(tmp_path / "work-s3")).index
         assert got.select(COMPARED).to_pylist() == want.select(COMPARED).to_pylist()
-        # what came from S3 was staged in the private work folder only
-        assert all(p.startswith(str(tmp_path / "work-s3"))
-                   for p in got.column("staged_path").to_pylist() if p)
-    assert ingest.detect_source_kind("s3://radrepo-sources/site-a", options) == "zip_batches"
+        # what came from S3 was read into memory, never staged
+        assert set(got.column("staged_path").to_pylist()) == {None}
+    assert discovery.detect_source_kind("s3://radrepo-sources/site-a", options) == "zip_batches"
 
 
 @pytest.mark.parametrize("layout", ["tree", "flat"])
@@ -76,25 +76,26 @@ def test_folder_sources_on_s3_index_like_the_local_copy_and_are_incremental(
     remote = SiteConfig(site_id=site_id, source={
         "kind": kind, "path": f"s3://{bucket}/{site_id}", "storage_options": options})
     work = str(tmp_path / "work-s3")
-    [lb] = ingest.discover_batches(local, str(tmp_path / "work-local"), set())
-    [rb] = ingest.discover_batches(remote, work, set())
+    [lb] = discovery.discover_batches(local, str(tmp_path / "work-local"), set())
+    [rb] = discovery.discover_batches(remote, work, set())
     assert rb.batch_id == lb.batch_id  # named by content, wherever it is kept
-    want = ingest.ingest_batch(lb, local.source, str(tmp_path / "work-local")).index
-    got = ingest.ingest_batch(rb, remote.source, work).index
+    want = take_batch(local, lb, str(tmp_path / "work-local")).index
+    done = take_batch(remote, rb, work)
+    got = done.index
     assert got.num_rows == len(site["files"])  # one row per file, bad ones included
     assert got.select(COMPARED).to_pylist() == want.select(COMPARED).to_pylist()
-    assert "quarantined" in got.column("status").to_pylist()  # the planted bad files
+    assert done.quarantine.num_rows  # the planted bad files
     # a one-off run detects the kind; a flat folder reads as a folder of depth one
-    assert ingest.detect_source_kind(f"s3://{bucket}/{site_id}", options) == "folder"
+    assert discovery.detect_source_kind(f"s3://{bucket}/{site_id}", options) == "folder"
 
     # once published, the same bucket yields nothing new; one added object is exactly one batch
-    ingest.record_ingested(rb, got, work)
-    assert ingest.discover_batches(remote, work, {rb.batch_id}) == []
+    ledger.record_ingested(rb, got, work)
+    assert discovery.discover_batches(remote, work, {rb.batch_id}) == []
     extra = next(k for k, s in zip(got.column("key").to_pylist(),
                                    got.column("status").to_pylist(), strict=True) if s == "ok")
     fs.copy(f"{bucket}/{site_id}/{extra}", f"{bucket}/{site_id}/added/copy.dcm")
     fs.invalidate_cache()
-    [added] = ingest.discover_batches(remote, work, {rb.batch_id})
+    [added] = discovery.discover_batches(remote, work, {rb.batch_id})
     assert [o.key for o in added.objects] == ["added/copy.dcm"]
 
 

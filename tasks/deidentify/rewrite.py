@@ -497,6 +497,8 @@ def dataset_start(buf: memoryview) -> tuple[int, str] | None:
     if group_length is None:
         return None
     end = 144 + group_length
+    if end > len(buf):
+        raise TruncatedDataset("file ends inside the file meta group")
     for r in elements(buf, 132, end)[0]:
         if r.tag == 0x00020010:
             return end, _text(bytes(buf[r.value_start:r.value_end]))

@@ -1,7 +1,8 @@
-"""De-identify one study's files: the unit of parallel work (one Dask task per study).
+"""De-identify one source object's bytes: parse them once, then rewrite them by the profile.
 
-Each file is read once, its header rewritten by the profile, its pixel bytes passed through
-undecoded, and written once. Failures become quarantine rows whose reason never quotes a value.
+The header is rewritten element by element, the pixel bytes pass through undecoded. Nothing here
+reads or writes a file: the one pass (``flows/one_pass.py``) hands the bytes in and writes the
+result once. Failures raise ``Quarantine`` with a reason that never quotes a value.
 """
 
 from __future__ import annotations
@@ -10,17 +11,17 @@ import hashlib
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from io import BytesIO
-from pathlib import Path
 
 import numpy as np
 from pydicom import dcmread
+from pydicom.charset import decode_bytes
+from pydicom.errors import InvalidDicomError
 from pydicom.filewriter import dcmwrite
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
-from schemas.pipeline import OK, QUARANTINED
+from schemas.pipeline import OK
 from tasks.deidentify.dataset import PatientContext, age_in_years
 from tasks.deidentify.keys import PseudonymKeys, normalize_patient_id
-from tasks.deidentify.profile import load_profile
 from tasks.deidentify.remap import current_id
 from tasks.deidentify.rewrite import (
     Rewriter,
@@ -39,6 +40,11 @@ IMPLEMENTATION_VERSION_NAME = "RADREPO_0_1"
 TRUNCATED = "truncated file (data ends before the header says)"
 PATIENT_ID, PATIENT_AGE, BIRTH_DATE = 0x00100020, 0x00101010, 0x00100030
 STUDY_DATE, SERIES_DATE, CONTENT_DATE = 0x00080020, 0x00080021, 0x00080023
+PIXEL_DATA, MEDIA_STORAGE_SOP_CLASS = 0x7FE00010, 0x00020002
+DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
+INDEX_TAGS = {0x00100020: "patient_id", 0x0020000D: "study_uid", 0x0020000E: "series_uid",
+              0x00080018: "sop_uid", 0x00080016: "sop_class_uid", 0x00080060: "modality",
+              0x00080020: "study_date", 0x00080030: "study_time"}
 
 
 @dataclass(frozen=True)
@@ -49,62 +55,161 @@ class DeidContext:
     site_id: str
     options: tuple[str, ...]
     remap: dict[str, str]
-    out_dir: str
 
 
-@dataclass(frozen=True)
-class SourceFile:
-    """One ingested object as the worker sees it."""
+@dataclass
+class ParsedSource:
+    """One source object parsed once (private: it holds the original values): what its
+    rewrite, the index and the decisions taken before writing need."""
 
-    seq: int
-    object_id: str
-    staged_path: str
-    exam_id: str | None
-    exam_time: str | None
-    member_path: str | None
-
-
-@dataclass(frozen=True)
-class StudyResult:
-    """One row per file, and the identifying values the study's files held (private zone only:
-    the verification gate looks for them in the output)."""
-
-    rows: list[dict]
-    identifiers: set[str]
+    buf: memoryview
+    source_ts: UID
+    raws: list
+    encodings: list[str]
+    values: dict[int, str]
+    parsed: dict
+    header: dict[str, str | None]  # the index's original header fields
+    patient: PatientContext
+    pixel_sha256: str | None
 
 
-def deidentify_study(files: list[SourceFile], ctx: DeidContext) -> StudyResult:
-    """De-identify every file of one study into ``ctx.out_dir``; one result row per file."""
-    profile = load_profile(ctx.options)
-    siteid = ctx.keys.siteid(ctx.site_id)
-    uid_cache: dict[str, str] = {}
+class Quarantine(Exception):
+    """The object cannot be de-identified; the message is its reason (quoting no value)."""
 
-    def uid_map(original: str) -> str:
-        if original not in uid_cache:
-            uid_cache[original] = ctx.keys.uid(original)
-        return uid_cache[original]
-
-    rows = []
-    identifiers: set[str] = set()
-    for f in files:
-        try:
-            rows.append(_deidentify_file(f, ctx, profile, siteid, uid_map, identifiers))
-        except _Quarantine as q:
-            rows.append(_quarantined(f, q.reason))
-        except Exception as err:  # noqa: BLE001 - any failure quarantines this file only
-            rows.append(_quarantined(f, f"cannot de-identify ({type(err).__name__})"))
-    identifiers.update(uid_cache)
-    return StudyResult(rows=rows, identifiers=identifiers)
-
-
-class _Quarantine(Exception):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
 
 
-def _quarantined(f: SourceFile, reason: str) -> dict:
-    return {"seq": f.seq, "object_id": f.object_id, "status": QUARANTINED, "reason": reason}
+def parse_source(data: bytes, ctx: DeidContext) -> ParsedSource:
+    """Parse a source object's bytes: its elements, character set, original header fields,
+    identifiers, patient pseudonym and date shift, and the hash of its pixel data."""
+    try:
+        buf, start, source_ts = explicit_little_endian(data)
+        raws, _ = elements(buf, start, len(buf))
+        encodings = read_charset(buf, raws)
+        values = top_values(buf, raws, encodings)
+        parsed: dict = {}
+        meta = meta_elements(buf)
+        found = collect_identifiers(buf, raws, encodings, meta, parsed)
+    except TruncatedDataset:
+        raise Quarantine(TRUNCATED) from None
+    except InvalidDicomError:
+        raise Quarantine("not DICOM") from None
+    except Exception as err:  # noqa: BLE001
+        raise Quarantine(f"unreadable DICOM ({type(err).__name__})") from None
+    if _meta_value(buf, meta, MEDIA_STORAGE_SOP_CLASS) == DICOMDIR_CLASS:
+        raise Quarantine("DICOMDIR index file (not an image)")
+    header = header_fields(buf, raws, encodings)
+    if not header["sop_uid"]:
+        raise Quarantine("no SOP Instance UID")
+    source_pid = (values.get(PATIENT_ID) or "").strip()
+    if not source_pid:
+        raise Quarantine("no Patient ID")
+    patient_key = current_id(normalize_patient_id(source_pid), ctx.remap)
+    offset = ctx.keys.date_offset_days(ctx.site_id, patient_key)
+    patient = PatientContext(
+        pseudonym=ctx.keys.patient_id(ctx.site_id, patient_key),
+        siteid=ctx.keys.siteid(ctx.site_id),
+        offset_days=offset,
+        identifiers=tuple(sorted(found | {source_pid})),
+    )
+    pixel = next((r for r in raws if r.tag == PIXEL_DATA), None)
+    pixel_sha = (hashlib.sha256(buf[pixel.value_start:pixel.value_end]).hexdigest()
+                 if pixel is not None and pixel.value_end > pixel.value_start else None)
+    return ParsedSource(buf, source_ts, raws, encodings, values, parsed, header, patient,
+                        pixel_sha)
+
+
+def header_fields(buf: memoryview, raws: list, encodings: list[str]) -> dict[str, str | None]:
+    """The source header fields the private index keeps (original values)."""
+    out: dict[str, str | None] = dict.fromkeys(INDEX_TAGS.values())
+    for r in raws:
+        name = INDEX_TAGS.get(r.tag)
+        if name and r.value_end > r.value_start:
+            text = decode_bytes(bytes(buf[r.value_start:r.value_end]), encodings, set())
+            out[name] = text.strip("\0 ") or None
+    return out
+
+
+def _meta_value(buf: memoryview, meta: list, tag: int) -> str:
+    for r in meta:
+        if r.tag == tag:
+            return bytes(buf[r.value_start:r.value_end]).decode("latin-1").strip("\0 ")
+    return ""
+
+
+@dataclass(frozen=True)
+class Rewritten:
+    """A de-identified file: its bytes (as chunks, written once by the caller) and its row."""
+
+    chunks: list
+    row: dict
+
+
+def rewrite_source(src: ParsedSource, ctx: DeidContext, profile, uid_map,
+                   exam: dict) -> Rewritten:
+    """The de-identified file of a parsed source object and its DEIDENTIFIED row (without
+    seq, object id and output path, which the caller gives)."""
+    rewriter = Rewriter(src.buf, profile, src.patient, uid_map, src.encodings,
+                        parsed=src.parsed)
+    values = src.values
+    age = None
+    if "retain_patient_chars" in profile.options and not values.get(PATIENT_AGE):
+        age = _patient_age(values.get(BIRTH_DATE), values.get(STUDY_DATE)
+                           or values.get(SERIES_DATE) or values.get(CONTENT_DATE))
+    chunks = rewriter.level(src.raws, nested=False,
+                            extra=computed_elements(profile, src.patient, age))
+    value = rewriter.decoded
+    sop_uid, sop_class = value(0x00080018), value(0x00080016)
+    if not sop_uid:
+        raise Quarantine("no SOP Instance UID")
+    source_ts = src.source_ts
+    out_ts = source_ts if source_ts.is_compressed else ExplicitVRLittleEndian
+    pixels = src.buf[rewriter.pixel[0]:rewriter.pixel[1]] if rewriter.pixel else None
+    if _short_pixel_data(value, pixels, out_ts):
+        raise Quarantine(TRUNCATED)
+    chunks.insert(0, encode_file_meta(sop_class or "", sop_uid, str(out_ts),
+                                      IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME))
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk)
+    offset = src.patient.offset_days
+    row = {
+        "status": OK,
+        "reason": None,
+        "patient_id": src.patient.pseudonym,
+        "study_uid": value(0x0020000D) or "",
+        "series_uid": value(0x0020000E) or "",
+        "sop_uid": sop_uid,
+        "sop_class_uid": sop_class or "",
+        "modality": value(0x00080060) or "",
+        "study_date": _as_date(value(STUDY_DATE)),
+        "study_time": value(0x00080030),
+        "study_description": value(0x00081030),
+        "series_description": value(0x0008103E),
+        "body_part": value(0x00180015),
+        "view_position": value(0x00185101),
+        "image_type": value(0x00080008),
+        "slice_thickness": _as_float(value(0x00180050)),
+        "slice_position": _slice_position(value(0x00200032), value(0x00201041)),
+        "instance_number": _as_int(value(0x00200013)),
+        "rows": _as_int(value(0x00280010)),
+        "columns": _as_int(value(0x00280011)),
+        "transfer_syntax": str(out_ts),
+        "burned_in": value(0x00280301),
+        "has_pixels": pixels is not None,
+        "size_bytes": sum(len(c) for c in chunks),
+        "sha256": digest.hexdigest(),
+        "pixel_sha256": hashlib.sha256(pixels).hexdigest() if pixels is not None else None,
+        "exam_key": (ctx.keys.opaque("exam", ctx.site_id, exam["exam_id"])
+                     if exam.get("exam_id") else None),
+        "exam_time": _shift_exam_time(exam.get("exam_time"), offset),
+        "member_key": (ctx.keys.opaque("member", exam["member_path"])
+                       if exam.get("member_path") else None),
+        "text_tokens_removed": rewriter.tokens_removed,
+    }
+    return Rewritten(chunks, row)
 
 
 def _patient_age(birth: str | None, when: str | None) -> str | None:
@@ -135,93 +240,6 @@ def explicit_little_endian(source: bytes) -> tuple[memoryview, int, UID]:
     dcmwrite(out, ds, enforce_file_format=True, implicit_vr=False, little_endian=True)
     buf = memoryview(out.getvalue())
     return buf, dataset_start(buf)[0], ts
-
-
-def _deidentify_file(f: SourceFile, ctx: DeidContext, profile, siteid: str, uid_map,
-                     identifiers: set[str]) -> dict:
-    try:
-        with open(f.staged_path, "rb") as fh:
-            source = fh.read()
-        buf, start, source_ts = explicit_little_endian(source)
-        raws, _ = elements(buf, start, len(buf))
-        encodings = read_charset(buf, raws)
-        values = top_values(buf, raws, encodings)
-        parsed: dict = {}
-        found = collect_identifiers(buf, raws, encodings, meta_elements(buf), parsed)
-    except TruncatedDataset:
-        raise _Quarantine(TRUNCATED) from None
-    except Exception as err:  # noqa: BLE001
-        raise _Quarantine(f"unreadable DICOM ({type(err).__name__})") from None
-    source_pid = (values.get(PATIENT_ID) or "").strip()
-    if not source_pid:
-        raise _Quarantine("no Patient ID")
-    patient_key = current_id(normalize_patient_id(source_pid), ctx.remap)
-    offset = ctx.keys.date_offset_days(ctx.site_id, patient_key)
-    patient = PatientContext(
-        pseudonym=ctx.keys.patient_id(ctx.site_id, patient_key),
-        siteid=siteid,
-        offset_days=offset,
-        identifiers=tuple(sorted(found | {source_pid})),
-    )
-    identifiers.update(patient.identifiers)
-    rewriter = Rewriter(buf, profile, patient, uid_map, encodings, parsed=parsed)
-    age = None
-    if "retain_patient_chars" in profile.options and not values.get(PATIENT_AGE):
-        age = _patient_age(values.get(BIRTH_DATE), values.get(STUDY_DATE)
-                           or values.get(SERIES_DATE) or values.get(CONTENT_DATE))
-    chunks = rewriter.level(raws, nested=False, extra=computed_elements(profile, patient, age))
-    value = rewriter.decoded
-    sop_uid, sop_class = value(0x00080018), value(0x00080016)
-    if not sop_uid:
-        raise _Quarantine("no SOP Instance UID")
-    out_ts = source_ts if source_ts.is_compressed else ExplicitVRLittleEndian
-    pixels = buf[rewriter.pixel[0]:rewriter.pixel[1]] if rewriter.pixel else None
-    if _short_pixel_data(value, pixels, out_ts):
-        raise _Quarantine(TRUNCATED)
-    chunks.insert(0, encode_file_meta(sop_class or "", sop_uid, str(out_ts),
-                                      IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME))
-    digest = hashlib.sha256()
-    for chunk in chunks:
-        digest.update(chunk)
-    out_path = Path(ctx.out_dir) / f"{f.object_id}.dcm"
-    with open(out_path, "wb") as out:
-        out.writelines(chunks)
-
-    return {
-        "seq": f.seq,
-        "object_id": f.object_id,
-        "status": OK,
-        "reason": None,
-        "patient_id": patient.pseudonym,
-        "study_uid": value(0x0020000D) or "",
-        "series_uid": value(0x0020000E) or "",
-        "sop_uid": sop_uid,
-        "sop_class_uid": sop_class or "",
-        "modality": value(0x00080060) or "",
-        "study_date": _as_date(value(STUDY_DATE)),
-        "study_time": value(0x00080030),
-        "study_description": value(0x00081030),
-        "series_description": value(0x0008103E),
-        "body_part": value(0x00180015),
-        "view_position": value(0x00185101),
-        "image_type": value(0x00080008),
-        "slice_thickness": _as_float(value(0x00180050)),
-        "slice_position": _slice_position(value(0x00200032), value(0x00201041)),
-        "instance_number": _as_int(value(0x00200013)),
-        "rows": _as_int(value(0x00280010)),
-        "columns": _as_int(value(0x00280011)),
-        "transfer_syntax": str(out_ts),
-        "burned_in": value(0x00280301),
-        "has_pixels": pixels is not None,
-        "size_bytes": sum(len(c) for c in chunks),
-        "sha256": digest.hexdigest(),
-        "pixel_sha256": hashlib.sha256(pixels).hexdigest() if pixels is not None else None,
-        "output_path": str(out_path),
-        "exam_key": ctx.keys.opaque("exam", ctx.site_id, f.exam_id) if f.exam_id else None,
-        "exam_time": _shift_exam_time(f.exam_time, offset),
-        "member_key": ctx.keys.opaque("member", f.member_path) if f.member_path else None,
-        "text_tokens_removed": rewriter.tokens_removed,
-    }
 
 
 def _short_pixel_data(value, pixels, ts: UID) -> bool:
