@@ -200,7 +200,7 @@ def synth(
     cr_size: Annotated[int, typer.Option(min=8)] = 96,
 ) -> None:
     """Write synthetic *identified* hospital exports (deterministic by seed)."""
-    from tasks.synth import synthesize
+    from synth import synthesize
 
     truth = synthesize(out, sites=sites, patients=patients, seed=seed, ct_slices=ct_slices,
                        ct_size=ct_size, cr_size=cr_size)
@@ -706,7 +706,7 @@ def demo(
     seed: int = 0,
 ) -> None:
     """Synthesize three sites, run the nightly flow on them, and query the catalog."""
-    from tasks.synth import synthesize
+    from synth import synthesize
 
     folder = folder.resolve()
     truth = synthesize(folder / "sources", sites=3, patients=patients, seed=seed)

@@ -44,7 +44,7 @@ def dask_scheduler():
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> tuple[Path, dict]:
     """The default synthetic corpus (three sites) and its ground truth, read-only for tests."""
-    from tasks.synth import synthesize
+    from synth import synthesize
 
     out = tmp_path_factory.mktemp("corpus")
     truth = synthesize(out, sites=3, patients=3, seed=7)

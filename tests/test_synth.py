@@ -1,4 +1,4 @@
-"""Tests for the synthetic identified-export generator (tasks/synth.py)."""
+"""Tests for the synthetic identified-export generator (the synth package)."""
 
 import csv
 import hashlib
@@ -15,7 +15,7 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from tasks.synth import CR_WINDOW_START, CT_WINDOW_START, synthesize
+from synth import CR_WINDOW_START, CT_WINDOW_START, synthesize
 
 UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
 ZIP_NAME_RE = re.compile(r"^(\d+)_(\d{8}-\d{6})_(A\d{3,})_([A-Z0-9-]+)\.zip$")
