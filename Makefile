@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check flows tasks schemas tests bench infra
+	$(VENV)/bin/ruff check flows tasks schemas synth tests bench infra
 
 clean:
 	rm -rf $(VENV) radrepo-demo .pytest_cache

@@ -45,7 +45,7 @@ def peak_rss_mb(pid: int) -> float:
 
 def consortium(out: Path, patients: int) -> tuple[Path, int, int]:
     """Synthesize the sources and write a config; (config path, files, exams)."""
-    from tasks.synth import synthesize
+    from synth import synthesize
 
     truth = synthesize(out / "sources", sites=3, patients=patients, seed=2026,
                        ct_slices=CT_SLICES, ct_size=16, cr_size=16)

@@ -200,7 +200,7 @@ def synth(
     cr_size: Annotated[int, typer.Option(min=8)] = 96,
 ) -> None:
     """Write synthetic *identified* hospital exports (deterministic by seed)."""
-    from tasks.synth import synthesize
+    from synth import synthesize
 
     truth = synthesize(out, sites=sites, patients=patients, seed=seed, ct_slices=ct_slices,
                        ct_size=ct_size, cr_size=cr_size)
@@ -706,25 +706,13 @@ def demo(
     seed: int = 0,
 ) -> None:
     """Synthesize three sites, run the nightly flow on them, and query the catalog."""
-    from tasks.synth import synthesize
+    from synth import demo_config, synthesize
 
     folder = folder.resolve()
     truth = synthesize(folder / "sources", sites=3, patients=patients, seed=seed)
-    work = folder / "work"
-    _demo_secret(work)
-    sites = []
-    for site_id, site in truth["sites"].items():
-        sites.append({
-            "site_id": site_id,
-            "source": {"kind": {"zip_batches": "zip_batches", "tree": "folder",
-                                "flat": "flat"}[site["layout"]],
-                       "path": f"sources/{site['source']}"},
-            "clinical": {"path": f"sources/{site['clinical']}", "measured_on": "labs_date"},
-            "id_remap": f"sources/{site['remap']}",
-        })
+    _demo_secret(folder / "work")
     config_path = folder / "radrepo.yaml"
-    config_path.write_text(yaml.safe_dump(
-        {"release": "release", "work_dir": "work", "sites": sites}, sort_keys=False))
+    config_path.write_text(yaml.safe_dump(demo_config(Path("sources"), truth), sort_keys=False))
     console.print(f"config: {config_path}", highlight=False)
     try:
         summaries = _run_nightly(load_config(config_path), config_path, None, None, False)

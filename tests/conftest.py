@@ -44,7 +44,7 @@ def dask_scheduler():
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> tuple[Path, dict]:
     """The default synthetic corpus (three sites) and its ground truth, read-only for tests."""
-    from tasks.synth import synthesize
+    from synth import synthesize
 
     out = tmp_path_factory.mktemp("corpus")
     truth = synthesize(out, sites=3, patients=3, seed=7)
@@ -68,17 +68,10 @@ def make_config(corpus, dask_scheduler):
 
 def consortium_config(corpus_dir: Path, truth: dict, release: Path, work: Path,
                       scheduler: str | None = None) -> dict:
-    """A consortium config (as a dict) over the synthetic sites."""
-    kinds = {"zip_batches": "zip_batches", "tree": "folder", "flat": "flat"}
-    sites = []
-    for site_id, site in truth["sites"].items():
-        sites.append({
-            "site_id": site_id,
-            "source": {"kind": kinds[site["layout"]], "path": str(corpus_dir / site["source"])},
-            "clinical": {"path": str(corpus_dir / site["clinical"]), "measured_on": "labs_date"},
-            "id_remap": str(corpus_dir / site["remap"]),
-        })
-    cfg = {"release": str(release), "work_dir": str(work), "sites": sites}
+    """The demo's consortium config (as a dict) over the synthetic sites, on a given cluster."""
+    from synth import demo_config
+
+    cfg = demo_config(corpus_dir, truth, release=release, work=work)
     if scheduler:
         cfg["dask"] = {"scheduler": scheduler}
     return cfg

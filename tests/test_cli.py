@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import shutil
 from pathlib import Path
 
 import duckdb
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from flows.cli import app
+from synth import demo_config
 
 runner = CliRunner()
 
@@ -114,6 +117,9 @@ def test_demo_prints_counts_and_is_repeatable(prefect_server, tmp_path, monkeypa
     for site in ("site-a", "site-b", "site-c"):
         assert site in first.output
     assert "published" in first.output
+    truth = json.loads((folder / "sources" / "ground_truth.json").read_text())
+    assert yaml.safe_load((folder / "radrepo.yaml").read_text()) == demo_config(
+        Path("sources"), truth)
 
     def hashes(root: Path) -> dict[str, str]:
         return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()

@@ -38,7 +38,7 @@ def dask_processes(tmp_path_factory):
 @pytest.fixture(scope="module")
 def big_site(tmp_path_factory):
     """One site with enough studies that de-identification takes a while on two workers."""
-    from tasks.synth import synthesize
+    from synth import synthesize
 
     out = tmp_path_factory.mktemp("dask-corpus")
     truth = synthesize(out, sites=1, patients=5, seed=11, ct_slices=16, ct_size=32, cr_size=48)

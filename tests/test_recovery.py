@@ -37,7 +37,7 @@ RUN_TIMEOUT = 180
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> Path:
     """Two small synthetic sites: tip-sheet zip batches (three batches) and a folder tree."""
-    from tasks.synth import synthesize
+    from synth import synthesize
 
     out = tmp_path_factory.mktemp("recovery-sources")
     synthesize(out, sites=2, patients=1, seed=3, ct_slices=3, ct_size=16, cr_size=16)

@@ -1,4 +1,4 @@
-"""Tests for the synthetic identified-export generator (tasks/synth.py)."""
+"""Tests for the synthetic identified-export generator (the synth package)."""
 
 import csv
 import hashlib
@@ -15,7 +15,8 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from tasks.synth import CR_WINDOW_START, CT_WINDOW_START, synthesize
+from schemas.config import parse_config
+from synth import CR_WINDOW_START, CT_WINDOW_START, demo_config, synthesize
 
 UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
 ZIP_NAME_RE = re.compile(r"^(\d+)_(\d{8}-\d{6})_(A\d{3,})_([A-Z0-9-]+)\.zip$")
@@ -106,6 +107,22 @@ def test_extra_sites_and_sizes(tmp_path):
         assert (ds.Rows, ds.Columns) == (size, size)
         assert ds.pixel_array.shape == (size, size)
 
+
+def test_demo_config_runs_every_site_from_its_files(out, truth):
+    # the fixtures' absolute config and the demo's relative YAML one come out the same
+    absolute = parse_config(demo_config(out, truth, release=out.parent / "release",
+                                        work=out.parent / "work"), Path("/elsewhere"))
+    relative = parse_config(demo_config(Path(out.name), truth), out.parent)
+    assert absolute == relative
+    kinds = {"site-a": "zip_batches", "site-b": "folder", "site-c": "flat"}
+    assert {s.site_id: s.source.kind for s in absolute.sites} == kinds
+    assert absolute.release == str(out.parent / "release")
+    for site in absolute.sites:
+        written = truth["sites"][site.site_id]
+        assert Path(site.source.path) == out / written["source"] and Path(site.source.path).is_dir()
+        assert Path(site.clinical.path) == out / written["clinical"]
+        assert site.clinical.measured_on in CLINICAL_HEADER
+        assert Path(site.id_remap) == out / written["remap"]
 
 def test_every_file_is_listed_and_exists(out, truth):
     for site in truth["sites"].values():
