@@ -30,7 +30,7 @@ from flows.secret import check_release_key, keys_from_env
 from flows.site_batch import site_batch
 from schemas.config import DaskConfig, RadrepoConfig, load_config
 from tasks import ingest
-from tasks.publish import Release
+from tasks.zones import Release
 
 Wanted = Callable[[str], bool]
 Window = tuple[date | None, date | None] | None
