@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from schemas import catalog as cat  # noqa: E402
 from tasks.catalog_query import open_catalog  # noqa: E402
-from tasks.publish import CATALOG_DB, Release, publish_batch, refresh_catalog_db  # noqa: E402
+from tasks.publish import publish_batch, refresh_catalog_db  # noqa: E402
+from tasks.zones import CATALOG_DB, Release  # noqa: E402
 
 CT_SERIES, CT_SLICES, CR_IMAGES = 2, 45, 2  # a CT study: 2 series of 45; a radiograph: 2
 SITE_SUMMARY = "SELECT * FROM site_summary"

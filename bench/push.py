@@ -50,7 +50,7 @@ def build_release(out: Path) -> Path:
 def time_radrepo(release: Path, kind: str, scratch: Path) -> tuple[float, int]:
     from schemas.config import DicomWebResearchPacs, DimseResearchPacs
     from tasks.pacs.push import PushLedger, push_release
-    from tasks.publish import Release
+    from tasks.zones import Release
 
     with run_orthanc(scratch / "orthanc", {"RADREPO": free_port()}) as server:
         target = (DicomWebResearchPacs(kind="dicomweb", url=server.dicomweb)

@@ -128,7 +128,7 @@ def _check_key(config: RadrepoConfig, rekey: bool) -> None:
     """Refuse another secret than the release's before anything runs; ``rekey`` records the
     new one instead, so the run republishes every batch under it."""
     from flows.secret import check_release_key, keys_from_env
-    from tasks.publish import Release
+    from tasks.zones import Release
 
     release = Release(config.release, config.release_storage_options)
     check_release_key(release, keys_from_env(config.secret_env), config.secret_env, rekey)
@@ -314,8 +314,8 @@ def query(
     An s3:// release is read with the standard AWS environment variables (AWS_ENDPOINT_URL
     for a non-AWS endpoint)."""
     from tasks.catalog_query import NoCatalog, open_catalog
-    from tasks.frozen_release import FrozenReleaseError, open_frozen
-    from tasks.publish import Release
+    from tasks.frozen import FrozenReleaseError, open_frozen
+    from tasks.zones import Release
 
     location = Release(release)
     try:
@@ -386,7 +386,7 @@ def verify(
     from schemas.config import DeidConfig
     from tasks import verify as gate
     from tasks.deidentify.profile import load_profile
-    from tasks.publish import Release
+    from tasks.zones import Release, all_identifier_files
 
     location = Release(release)
     if not location.fs.isdir(location.root):
@@ -397,7 +397,7 @@ def verify(
         _fail(str(err), 2)
     matcher = None
     if work:
-        lists = [p for w in work for p in sorted(w.glob("*/index/*.identifiers.parquet"))]
+        lists = [p for w in work for p in all_identifier_files(w)]
         if not lists:
             _fail("no identifier lists under --work (they are written by radrepo run)", 2)
         matcher = gate.read_identifiers(lists)
@@ -433,8 +433,9 @@ def release_create(
     """Freeze the COMPLETE batches' studies that --where keeps into releases/NAME/ and point
     releases/current at it. An existing NAME is refused (exit 1)."""
     from tasks.cohort import PredicateError
-    from tasks.frozen_release import FrozenReleaseError, create_release
-    from tasks.publish import Release
+    from tasks.frozen import FrozenReleaseError
+    from tasks.frozen_release import create_release
+    from tasks.zones import Release
 
     try:
         frozen = create_release(Release(release), name, where, description, requester)
@@ -453,7 +454,7 @@ def release_list(
 ) -> None:
     """List the frozen releases, oldest first, with their checksums and predicates."""
     from tasks.frozen_release import list_releases
-    from tasks.publish import Release
+    from tasks.zones import Release
 
     rows = list_releases(Release(release))
     columns = ["name", "created", "studies", "files", "checksum", "where"]
@@ -467,8 +468,9 @@ def release_verify(
 ) -> None:
     """Re-read a frozen release in full against its checksum and manifest; exit 1 on a
     difference."""
-    from tasks.frozen_release import FrozenReleaseError, resolve, verify_release
-    from tasks.publish import Release
+    from tasks.frozen import FrozenReleaseError, resolve
+    from tasks.frozen_release import verify_release
+    from tasks.zones import Release
 
     location = Release(release)
     try:
@@ -499,8 +501,8 @@ def export(
     S3 release, and catalog rows) and add the audit record to the release."""
     from tasks.cohort import PredicateError
     from tasks.export import export_cohort
-    from tasks.frozen_release import FrozenReleaseError, ReleaseNotFound
-    from tasks.publish import Release
+    from tasks.frozen import FrozenReleaseError, ReleaseNotFound
+    from tasks.zones import Release
 
     try:
         result = export_cohort(Release(release), frozen, where, purpose, out, requester)
@@ -519,8 +521,8 @@ def report(
 ) -> None:
     """Write the release report (reports/index.html): descriptive tables by site, plots, links
     to the contact sheets; one static page, viewable offline."""
-    from tasks.publish import Release
     from tasks.report import write_report
+    from tasks.zones import Release
 
     location = Release(release)
     if not location.complete_batches():
@@ -537,7 +539,7 @@ def push(
     then check each study's instance count there. Exit 1 if anything is missing."""
     from tasks.pacs import PacsUnavailable
     from tasks.pacs.push import PushError, PushLedger, ledger_path, push_release
-    from tasks.publish import Release
+    from tasks.zones import Release
 
     try:
         cfg = load_config(config)
@@ -594,7 +596,7 @@ def labels_form(
     """Write the FHIR R4 Questionnaire and one pre-filled QuestionnaireResponse per study."""
     from tasks.catalog_query import NoCatalog, open_catalog
     from tasks.labels.form import write_form
-    from tasks.publish import Release
+    from tasks.zones import Release
 
     form_schema = _label_schema(schema)
     try:
@@ -621,8 +623,9 @@ def labels_import(
     from tasks.deidentify.profile import load_profile
     from tasks.labels.importer import LabelChecker, published_studies
     from tasks.labels.intake import import_inputs
-    from tasks.publish import Release, refresh_catalog_db
+    from tasks.publish import refresh_catalog_db
     from tasks.verify import read_identifiers
+    from tasks.zones import Release, all_identifier_files
 
     form_schema = _label_schema(schema)
     try:
@@ -633,7 +636,7 @@ def labels_import(
     missing = [str(p) for p in inputs if not p.exists()]
     if missing:
         _fail(f"no such input: {missing[0]}", 2)
-    lists = sorted(Path(cfg.work_dir).glob("*/index/*.identifiers.parquet"))
+    lists = all_identifier_files(cfg.work_dir)
     identifiers = read_identifiers(lists) if lists else None
     location = Release(cfg.release, cfg.release_storage_options)
     try:
@@ -662,7 +665,7 @@ def labels_agreement(
     reports/labels/agreement.csv in the release."""
     from tasks.catalog_query import NoCatalog, open_catalog
     from tasks.labels.agreement import agreement_csv, agreement_table
-    from tasks.publish import Release
+    from tasks.zones import Release
 
     form_schema = _label_schema(schema)
     location = Release(release)

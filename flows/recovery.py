@@ -11,21 +11,21 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import pyarrow.parquet as pq
 
 from schemas.config import RadrepoConfig
 from schemas.pipeline import SOURCE_INDEX
-from tasks import discovery, ledger, site_lock
+from tasks import ingest, site_lock
 from tasks import publish as publishing
 from tasks.kill_point import kill_point
+from tasks.zones import CATALOG_DB, KEY_CHECK, TEMPORARY, Release, WorkDir
 
 CATALOG_LOCK = "release catalog"
 
 
 @contextmanager
-def holding_site(config: RadrepoConfig, release: publishing.Release, site_id: str,
+def holding_site(config: RadrepoConfig, release: Release, site_id: str,
                  run_id: str) -> Iterator[None]:
     """One writer per site: the work folder's lock, and a lease in an object-store release."""
     lease = {} if release.local else {
@@ -36,34 +36,29 @@ def holding_site(config: RadrepoConfig, release: publishing.Release, site_id: st
         yield
 
 
-def refresh_catalog(config: RadrepoConfig, release: publishing.Release, run_id: str) -> bool:
+def refresh_catalog(config: RadrepoConfig, release: Release, run_id: str) -> bool:
     """Rebuild ``catalog.duckdb`` if it does not match the COMPLETE batches (one at a time)."""
     with site_lock.hold(config.work_dir, CATALOG_LOCK, run_id, config.lock_wait_seconds):
-        release.remove_temporary(f".{publishing.CATALOG_DB}{publishing.TEMPORARY}*")
+        release.remove_temporary(f".{CATALOG_DB}{TEMPORARY}*")
         return publishing.refresh_catalog_db(release, config.work_dir)
-
-
-def _republish_marker(work_dir: str, site_id: str, batch_id: str) -> Path:
-    return ledger.site_work_dir(work_dir, site_id) / "republish" / batch_id
 
 
 def mark_republish(work_dir: str, site_id: str, batch_id: str) -> None:
     """Remember that a complete batch is being republished, so a rerun finishes it."""
-    marker = _republish_marker(work_dir, site_id, batch_id)
+    marker = WorkDir(work_dir, site_id).republish(batch_id)
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.touch()
 
 
 def finish_republish(work_dir: str, site_id: str, batch_id: str) -> None:
-    _republish_marker(work_dir, site_id, batch_id).unlink(missing_ok=True)
+    WorkDir(work_dir, site_id).republish(batch_id).unlink(missing_ok=True)
 
 
-def batches_due(config: RadrepoConfig, release: publishing.Release, site_id: str) -> list[str]:
+def batches_due(config: RadrepoConfig, release: Release, site_id: str) -> list[str]:
     """Complete batches of a site to publish again: a republish cut short, or a batch whose
     marker names another key than the release's (a rekey not yet done for it)."""
-    folder = _republish_marker(config.work_dir, site_id, "x").parent
-    due = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
-    recorded = release.read_bytes(publishing.KEY_CHECK)
+    due = WorkDir(config.work_dir, site_id).republishing()
+    recorded = release.read_bytes(KEY_CHECK)
     key = recorded.decode("ascii", "replace").strip() if recorded else None
     complete = [b for s, b in release.complete_batches() if s == site_id]
     for batch_id in complete:
@@ -75,20 +70,19 @@ def batches_due(config: RadrepoConfig, release: publishing.Release, site_id: str
 
 def _settle_ingest(config: RadrepoConfig, site_id: str, batch_id: str) -> None:
     """Record a complete batch's objects in the ledger, then drop its staging and pending."""
-    pending = ledger.load_pending(config.work_dir, site_id, batch_id)
+    pending = ingest.load_pending(config.work_dir, site_id, batch_id)
     if pending is None:
         return
-    index_path = ledger.site_work_dir(config.work_dir, site_id) / "index" / f"{batch_id}.parquet"
+    index_path = WorkDir(config.work_dir, site_id).index(batch_id)
     index = pq.read_table(index_path, schema=SOURCE_INDEX) if index_path.exists() else (
         SOURCE_INDEX.empty_table())
-    discovery.mark_batch_published(config.work_dir, site_id, batch_id)
-    ledger.record_ingested(pending, index, config.work_dir)
+    ingest.record_ingested(pending, index, config.work_dir)
     kill_point("after:ledger")
-    ledger.clear_staging(pending, config.work_dir)
-    ledger.forget_pending(config.work_dir, site_id, batch_id)
+    ingest.clear_staging(pending, config.work_dir)
+    ingest.forget_pending(config.work_dir, site_id, batch_id)
 
 
-def finish_batch(config: RadrepoConfig, release: publishing.Release, site_id: str,
+def finish_batch(config: RadrepoConfig, release: Release, site_id: str,
                  batch_id: str, run_id: str) -> None:
     """What follows a batch's COMPLETE, each step idempotent: catalog, superseded version,
     ledger, staging and pending."""
@@ -100,7 +94,7 @@ def finish_batch(config: RadrepoConfig, release: publishing.Release, site_id: st
     finish_republish(config.work_dir, site_id, batch_id)
 
 
-def repair_site(config: RadrepoConfig, release: publishing.Release, site_id: str,
+def repair_site(config: RadrepoConfig, release: Release, site_id: str,
                 run_id: str) -> list[str]:
     """Finish what a killed run left after COMPLETE at a site; return the batches due again.
 
@@ -108,7 +102,7 @@ def repair_site(config: RadrepoConfig, release: publishing.Release, site_id: str
     does not match the COMPLETE batches, then every complete batch loses what only a
     superseded version holds and has its ingest settled (no-ops when already done)."""
     with holding_site(config, release, site_id, run_id):
-        release.remove_temporary(f"batches/{site_id}/*/*{publishing.TEMPORARY}*")
+        release.remove_temporary(f"batches/{site_id}/*/*{TEMPORARY}*")
         refresh_catalog(config, release, run_id)
         for s, batch_id in release.complete_batches():
             if s == site_id:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from tasks.deidentify.keys import PseudonymKeys
-from tasks.publish import KEY_CHECK, Release
+from tasks.zones import KEY_CHECK, Release
 
 MIN_SECRET_LENGTH = 16
 

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 import pyarrow as pa
 
 from schemas.release import AUDIT, AUDIT_DIR, RELEASES_DIR
-from tasks.publish import Release, table_bytes
+from tasks.zones import Release, table_bytes
 
 
 class AuditWriteError(RuntimeError):

@@ -20,7 +20,7 @@ from schemas.catalog import MANIFEST, TABLES
 from schemas.release import EXPORTED, MANIFEST_FILE, SNAPSHOT_DIR, SUMS_FILE
 from tasks.audit import append_audit, audit_record, default_requester
 from tasks.cohort import filtered_tables, select_studies, selection_table
-from tasks.frozen_release import (
+from tasks.frozen import (
     FrozenReleaseError,
     frozen_connection,
     read_checksum,
@@ -30,7 +30,7 @@ from tasks.frozen_release import (
     summed_problems,
     sums_text,
 )
-from tasks.publish import Release, table_bytes
+from tasks.zones import Release, table_bytes
 
 OBJECTS_FILE = "objects.parquet"  # for an S3 release: url, path, size, sha256 of each object
 RECORD_FILE = "EXPORT.json"

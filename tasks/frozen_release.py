@@ -11,21 +11,16 @@ which leaves the release's links or copies (and so its bytes) as they were froze
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
-import re
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from schemas.catalog import MANIFEST, TABLES
 from schemas.release import (
@@ -35,32 +30,33 @@ from schemas.release import (
     CURRENT,
     INFO_FILE,
     MANIFEST_FILE,
-    NAME_PATTERN,
     RELEASES_DIR,
     SELECTION_FILE,
     SNAPSHOT_DIR,
     SUMS_FILE,
 )
-from tasks.audit import audit_path, audit_record, audit_view_sql
-from tasks.catalog_query import open_catalog
-from tasks.cohort import filtered_tables, select_studies, selection_sql, selection_table
+from tasks.audit import audit_path, audit_record
+from tasks.catalog_query import catalog_view_statements, memory_connection
+from tasks.cohort import filtered_tables, select_studies, selection_table
 from tasks.duckdb_remote import enable_remote_reads
-from tasks.publish import CATALOG_DB, Release, catalog_view_statements, table_bytes
+from tasks.frozen import (
+    FrozenReleaseError,
+    check_name,
+    create_snapshot_views,
+    is_frozen,
+    read_manifest,
+    release_dir,
+    summed_problems,
+    sums_text,
+)
+from tasks.zones import CATALOG_DB, Release, table_bytes
 
 ALL_STUDIES = "true"
 CREATION_RECORD = "0-release-created"
 
 
-class FrozenReleaseError(RuntimeError):
-    """A frozen release cannot be made or read as asked."""
-
-
 class ReleaseExists(FrozenReleaseError):
     """A frozen release of that name exists: releases are never rewritten."""
-
-
-class ReleaseNotFound(FrozenReleaseError, LookupError):
-    """No frozen release of that name (or no ``current`` pointer) in the release."""
 
 
 @dataclass(frozen=True)
@@ -75,36 +71,6 @@ class FrozenRelease:
     bytes: int
 
 
-def release_dir(name: str) -> str:
-    return f"{RELEASES_DIR}/{name}"
-
-
-def check_name(name: str) -> str:
-    """A release name is a path segment of letters, digits, '.', '_', '-'; never 'current'."""
-    if not re.fullmatch(NAME_PATTERN, name) or name == CURRENT:
-        raise FrozenReleaseError(f"release name {name!r} must match {NAME_PATTERN} and not be "
-                                 f"{CURRENT!r}")
-    return name
-
-
-def is_frozen(release: Release, name: str) -> bool:
-    return release.fs.exists(release.path(f"{release_dir(name)}/{CHECKSUM_FILE}"))
-
-
-def resolve(release: Release, name: str) -> str:
-    """The name of a frozen release: ``current`` follows the pointer; a release that is not
-    frozen (absent, or its creation never finished) is ReleaseNotFound."""
-    if name == CURRENT:
-        pointer = release.read_bytes(f"{RELEASES_DIR}/{CURRENT}")
-        if pointer is None:
-            raise ReleaseNotFound("no frozen release yet: releases/current does not exist")
-        name = pointer.decode().strip()
-    check_name(name)
-    if not is_frozen(release, name):
-        raise ReleaseNotFound(f"no frozen release named {name!r}")
-    return name
-
-
 def list_releases(release: Release) -> list[dict]:
     """Every frozen release with its checksum and creation record, oldest first."""
     out = []
@@ -114,14 +80,6 @@ def list_releases(release: Release) -> list[dict]:
         out.append({"name": name, **{k: info.get(k) for k in (
             "created", "checksum", "where", "description", "studies", "files")}})
     return sorted(out, key=lambda r: (r["created"] or "", r["name"]))
-
-
-def _catalog_connection(release: Release) -> duckdb.DuckDBPyConnection:
-    con = duckdb.connect(":memory:")
-    con.execute("SET TimeZone = 'UTC'")
-    if not release.local:
-        enable_remote_reads(con, release.storage_options)
-    return con
 
 
 def _batch_files(release: Release, batches: set[tuple[str, str]]) -> dict[str, tuple[int, str]]:
@@ -167,22 +125,6 @@ def _place_frozen(release: Release, source: str, target: str, size: int, sha256:
         return
     if not (release.fs.exists(dst) and release.fs.size(dst) == size):
         release.fs.copy(src, dst)
-
-
-def sums_text(files: dict[str, bytes]) -> bytes:
-    """``sha256sum`` lines over the files (relative path -> bytes), sorted by path."""
-    return "".join(f"{hashlib.sha256(data).hexdigest()}  {path}\n"
-                   for path, data in sorted(files.items())).encode()
-
-
-def create_snapshot_views(con: duckdb.DuckDBPyConnection, release: Release, name: str) -> None:
-    """Views of a frozen release: each table over its snapshot, ``selection``, ``audit``."""
-    for table in TABLES:
-        uri = release.uri(f"{release_dir(name)}/{SNAPSHOT_DIR}/{table}.parquet")
-        con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet("
-                    f"'{uri.replace(chr(39), chr(39) * 2)}')")
-    con.execute(f"CREATE VIEW selection AS {selection_sql(con)}")
-    con.execute(audit_view_sql(release, name))
 
 
 def _write_views(release: Release, name: str, info: dict) -> None:
@@ -232,7 +174,7 @@ def create_release(release: Release, name: str, where: str | None = None,
     batches = release.complete_batches()
     if not batches:
         raise FrozenReleaseError("no COMPLETE batch to freeze")
-    with _catalog_connection(release) as con:
+    with memory_connection(release) as con:
         for statement in catalog_view_statements(release):
             con.execute(statement)
         study_uids = select_studies(selection_table(con), where_text)
@@ -285,35 +227,6 @@ def create_release(release: Release, name: str, where: str | None = None,
     return result
 
 
-def read_checksum(release: Release, name: str) -> str:
-    data = release.read_bytes(f"{release_dir(name)}/{CHECKSUM_FILE}")
-    if data is None:
-        raise ReleaseNotFound(f"no frozen release named {name!r}")
-    return data.decode().split()[1]
-
-
-def read_manifest(release: Release, name: str) -> pa.Table:
-    """Every DICOM file of the frozen release: path (inside the release), size, sha256."""
-    data = release.read_bytes(f"{release_dir(name)}/{MANIFEST_FILE}")
-    return pq.read_table(io.BytesIO(data))
-
-
-def summed_problems(release: Release, name: str) -> list[str]:
-    """Problems of a frozen release's checksum, SHA256SUMS, manifest, selection and snapshot
-    (small files: cheap enough to check before every export)."""
-    base = release_dir(name)
-    problems = []
-    sums = release.read_bytes(f"{base}/{SUMS_FILE}") or b""
-    if hashlib.sha256(sums).hexdigest() != read_checksum(release, name):
-        problems.append(f"{SUMS_FILE} does not match {CHECKSUM_FILE}")
-    for line in sums.decode().splitlines():
-        digest, relative = line.split("  ", 1)
-        data = release.read_bytes(f"{base}/{relative}")
-        if data is None or hashlib.sha256(data).hexdigest() != digest:
-            problems.append(f"{relative}: missing or changed")
-    return problems
-
-
 def verify_release(release: Release, name: str) -> list[str]:
     """Problems found re-reading a frozen release: the checksum over SHA256SUMS, each summed
     file, and every DICOM file against the manifest (files are read in full)."""
@@ -324,18 +237,3 @@ def verify_release(release: Release, name: str) -> list[str]:
         if data is None or hashlib.sha256(data).hexdigest() != row["sha256"]:
             problems.append(f"{row['path']}: missing or changed")
     return problems
-
-
-@contextmanager
-def open_frozen(release: Release, name: str) -> Iterator[duckdb.DuckDBPyConnection]:
-    """A read-only connection to a frozen release's views (``current`` follows the pointer)."""
-    name = resolve(release, name)
-    with open_catalog(release, f"{release_dir(name)}/{CATALOG_DB}") as con:
-        yield con
-
-
-def frozen_connection(release: Release, name: str) -> duckdb.DuckDBPyConnection:
-    """An in-memory connection with a frozen release's views, for reading and filtering."""
-    con = _catalog_connection(release)
-    create_snapshot_views(con, release, name)
-    return con

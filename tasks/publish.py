@@ -16,61 +16,30 @@ the current one does not is removed after the switch (``drop_superseded``).
 from __future__ import annotations
 
 import hashlib
-import io
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
-from fsspec.implementations.local import LocalFileSystem
 
-from schemas.catalog import APPENDED_TABLES, MANIFEST, PARTITION_COLUMNS, TABLES, VIEWS
-from tasks.catalog_dictionary import (
-    catalog_info_statements,
-    comment_statements,
-    dictionary_markdown,
-)
+from schemas.catalog import MANIFEST, TABLES
+from tasks.catalog_dictionary import catalog_info_statements, dictionary_markdown
+from tasks.catalog_query import catalog_view_statements
 from tasks.duckdb_remote import enable_remote_reads
 from tasks.kill_point import kill_point
+from tasks.zones import (
+    CATALOG_DB,
+    COMPLETE,
+    TEMPORARY,
+    BatchVersion,
+    Release,
+    table_bytes,
+)
 
-COMPLETE = "COMPLETE"
-CATALOG_DB = "catalog.duckdb"
 CATALOG_README = "catalog/README.md"
-KEY_CHECK = "KEY-CHECK"
-LEGACY_MANIFEST = "manifest.parquet"  # the one manifest of a batch published before versions
-MANIFEST_FILE = re.compile(r"^manifest(-[0-9a-f]{16})?\.parquet$")
-TEMPORARY = ".tmp-"
-
-
-@dataclass(frozen=True)
-class BatchVersion:
-    """What a COMPLETE marker says: the current manifest, its sha256, the key check value."""
-
-    manifest: str
-    manifest_sha256: str
-    key_check: str | None
-
-    def marker(self) -> bytes:
-        return (f"manifest {self.manifest}\nmanifest sha256 {self.manifest_sha256}\n"
-                f"key check {self.key_check or '-'}\n").encode()
-
-
-def parse_marker(data: bytes) -> BatchVersion:
-    """A COMPLETE marker's fields; a marker from before versions names ``manifest.parquet``."""
-    fields = {}
-    for line in data.decode("ascii", "replace").splitlines():
-        for name in ("manifest sha256 ", "manifest ", "key check "):
-            if line.startswith(name):
-                fields[name.strip()] = line[len(name):].strip()
-                break
-    key = fields.get("key check")
-    return BatchVersion(fields.get("manifest", LEGACY_MANIFEST),
-                        fields.get("manifest sha256", ""), None if key in (None, "-") else key)
 
 
 def versioned_path(relative: str, sha256: str) -> str:
@@ -86,153 +55,6 @@ class PublishResult:
     files_written: int
     files_unchanged: int
     manifest_rows: int
-
-
-class Release:
-    """A release location (local folder or fsspec URL) and the layout inside it."""
-
-    def __init__(self, url: str, storage_options: dict | None = None):
-        self.url = url.rstrip("/")
-        self.storage_options = dict(storage_options or {})
-        self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.storage_options)
-        self.local = isinstance(self.fs, LocalFileSystem)
-
-    def path(self, relative: str) -> str:
-        return f"{self.root}/{relative}"
-
-    def uri(self, relative: str) -> str:
-        """An address DuckDB can read: a local path, or the URL with its protocol."""
-        if self.local:
-            return self.path(relative)
-        return f"{self.fs.unstrip_protocol(self.path(relative))}"
-
-    def batch_dir(self, site_id: str, batch_id: str) -> str:
-        return f"batches/{site_id}/{batch_id}"
-
-    def partition(self, table: str, site_id: str, batch_id: str) -> str:
-        return f"catalog/{table}/site_id={site_id}/batch_id={batch_id}"
-
-    def is_complete(self, site_id: str, batch_id: str) -> bool:
-        return self.fs.exists(self.path(f"{self.batch_dir(site_id, batch_id)}/{COMPLETE}"))
-
-    def complete_batches(self) -> list[tuple[str, str]]:
-        """(site_id, batch_id) of every batch readers may trust, sorted."""
-        found = self.fs.glob(self.path(f"batches/*/*/{COMPLETE}"))
-        out = []
-        for p in found:
-            parts = p.split("/")
-            out.append((parts[-3], parts[-2]))
-        return sorted(out)
-
-    def current_version(self, site_id: str, batch_id: str) -> BatchVersion | None:
-        """The version the batch's COMPLETE marker names; None for a batch not complete."""
-        data = self.read_bytes(f"{self.batch_dir(site_id, batch_id)}/{COMPLETE}")
-        return None if data is None else parse_marker(data)
-
-    def manifest(self, site_id: str, batch_id: str) -> pa.Table:
-        """The current manifest of a complete batch (every file, size, sha256); empty if none."""
-        version = self.current_version(site_id, batch_id)
-        if version is None:
-            return MANIFEST.empty_table()
-        return self.read_manifest(site_id, batch_id, version.manifest)
-
-    def read_manifest(self, site_id: str, batch_id: str, name: str) -> pa.Table:
-        data = self.read_bytes(f"{self.batch_dir(site_id, batch_id)}/{name}")
-        return MANIFEST.empty_table() if data is None else pq.read_table(io.BytesIO(data))
-
-    def manifest_names(self, site_id: str, batch_id: str) -> list[str]:
-        """Every manifest in a batch's folder: the current one and any not yet dropped."""
-        folder = self.path(self.batch_dir(site_id, batch_id))
-        if not self.fs.isdir(folder):
-            return []
-        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(folder, detail=False)]
-        return sorted(n for n in names if MANIFEST_FILE.match(n))
-
-    def catalog_files(self, table: str, site_id: str, batch_id: str) -> list[str]:
-        """Relative paths of the Parquet files that hold a batch's rows of one catalog table.
-
-        Readers (views, dedupe, frozen releases, exports) list a batch's catalog files here
-        and nowhere else: the files the batch's current manifest names. Run records, and the
-        labels and segmentations that come back after publication, are appended outside the
-        manifest: for those, the whole partition."""
-        partition = self.partition(table, site_id, batch_id)
-        if table == "runs" or table in APPENDED_TABLES:
-            pattern = self.path(f"{partition}/*.parquet")
-            return sorted(p[len(self.root) + 1:] for p in self.fs.glob(pattern))
-        return sorted(p for p in self.manifest(site_id, batch_id).column("path").to_pylist()
-                      if p.startswith(f"{partition}/") and p.endswith(".parquet"))
-
-    def read_bytes(self, relative: str) -> bytes | None:
-        try:
-            with self.fs.open(self.path(relative), "rb") as fh:
-                return fh.read()
-        except FileNotFoundError:
-            return None
-
-    def write_bytes(self, relative: str, data: bytes, atomic: bool = False) -> bool:
-        """Write unless the same bytes are already there; True when something was written.
-
-        Files no current version names may be written in place on an object store (a crash
-        leaves a file only a manifest that is not current lists). A local file is always
-        written beside and renamed over, never truncated: the path may be a hard link a frozen
-        release holds, whose bytes must not change. ``atomic`` marks the files readers trust at
-        once (COMPLETE, KEY-CHECK); a PUT to an object store replaces the object whole."""
-        if self.read_bytes(relative) == data:
-            return False
-        target = self.path(relative)
-        self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-        if self.local:  # a rename, never an in-place truncate (see above)
-            tmp = f"{target}{TEMPORARY}{os.getpid()}"
-            Path(tmp).write_bytes(data)
-            os.replace(tmp, target)
-        else:
-            self.fs.pipe_file(target, data)
-        return True
-
-    def remove(self, relative: str) -> None:
-        """Remove a file if it is there; a local folder left empty goes too."""
-        target = self.path(relative)
-        try:
-            self.fs.rm_file(target)
-        except FileNotFoundError:
-            return
-        if self.local:
-            folder = Path(target).parent
-            while folder != Path(self.root) and folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
-                folder = folder.parent
-
-    def remove_temporary(self, pattern: str) -> list[str]:
-        """Remove leftovers of atomic writes a killed run never renamed (``pattern`` is a
-        glob relative to the release); returns what was removed."""
-        found = [p for p in self.fs.glob(self.path(pattern)) if TEMPORARY in p]
-        for p in found:
-            self.fs.rm_file(p)
-        return [p[len(self.root) + 1:] for p in found]
-
-    def place_file(self, staged: str, relative: str, size: int, sha256: str,
-                   previous: dict[str, tuple[int, str]]) -> bool:
-        """Move a staged file into place unless the manifest says it is already there."""
-        target = self.path(relative)
-        if (previous.get(relative) == (size, sha256) and self.fs.exists(target)
-                and self.fs.size(target) == size):
-            return False
-        self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-        if self.local:
-            try:
-                os.replace(staged, target)
-            except OSError:
-                shutil.copyfile(staged, target)
-        else:
-            self.fs.put_file(staged, target)
-        return True
-
-
-def table_bytes(table: pa.Table) -> bytes:
-    """Parquet bytes for a table; the same table always gives the same bytes."""
-    sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd", write_statistics=True)
-    return sink.getvalue()
 
 
 def _previous_manifest(release: Release, site_id: str, batch_id: str) -> dict[str, tuple]:
@@ -355,75 +177,6 @@ def read_published(release: Release, table: str, site_id: str, exclude_batch: st
             parts.append(t.append_column("batch_id", pa.array([batch] * t.num_rows, pa.string())))
     schema = pa.schema([TABLES[table].field(c) for c in columns] + [("batch_id", pa.string())])
     return pa.concat_tables(parts).cast(schema) if parts else schema.empty_table()
-
-
-def _view_sql(table: str, files: list[str], schema: pa.Schema | None = None) -> str:
-    # the typed empty row set comes first: every view has the schema's columns, in its order
-    # and types, even over batches written before a column was added (those read as NULL)
-    columns = ", ".join(
-        [f"CAST(NULL AS VARCHAR) AS {c}" for c in PARTITION_COLUMNS]
-        + [f'CAST(NULL AS {_duck_type(f.type)}) AS "{f.name}"'
-           for f in (schema or TABLES[table])]
-    )
-    empty = f"SELECT {columns} WHERE false"
-    if not files:
-        return f"CREATE VIEW {table} AS {empty}"
-    listing = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
-    return (
-        f"CREATE VIEW {table} AS {empty} UNION ALL BY NAME "
-        f"SELECT * FROM read_parquet([{listing}], hive_partitioning = true, "
-        "union_by_name = true, hive_types = {'site_id': 'VARCHAR', 'batch_id': 'VARCHAR'})"
-    )
-
-
-def _duck_type(t: pa.DataType) -> str:
-    if pa.types.is_string(t):
-        return "VARCHAR"
-    if pa.types.is_int32(t):
-        return "INTEGER"
-    if pa.types.is_int64(t):
-        return "BIGINT"
-    if pa.types.is_floating(t):
-        return "DOUBLE"
-    if pa.types.is_boolean(t):
-        return "BOOLEAN"
-    if pa.types.is_date(t):
-        return "DATE"
-    if pa.types.is_timestamp(t):
-        return "TIMESTAMPTZ"
-    if pa.types.is_time(t):
-        return "TIME"
-    raise TypeError(f"no DuckDB type for {t}")
-
-
-def catalog_view_statements(release: Release) -> list[str]:
-    """CREATE VIEW statements over the partitions of every complete batch.
-
-    Views name the catalog files of every complete batch, so a batch becomes visible exactly
-    when its COMPLETE marker does. Run records are a log that every run appends to: their view
-    takes each complete batch's whole partition, so a rerun leaves the views unchanged.
-    """
-    batches = release.complete_batches()
-    statements = []
-    for table in TABLES:
-        if table == "runs":
-            patterns = [release.uri(f"{release.partition(table, site, batch)}/*.parquet")
-                        for site, batch in batches]
-        else:
-            patterns = [release.uri(relative) for site, batch in batches
-                        for relative in release.catalog_files(table, site, batch)]
-        statements.append(_view_sql(table, patterns))
-    for table, schema in APPENDED_TABLES.items():  # labels and segmentations
-        patterns = [release.uri(relative) for site, batch in batches
-                    for relative in release.catalog_files(table, site, batch)]
-        statements.append(_view_sql(table, patterns, schema))
-    rows = ", ".join(f"('{s}', '{b}')" for s, b in batches) or "(NULL, NULL)"
-    statements.append(
-        f"CREATE VIEW batches AS SELECT * FROM (VALUES {rows}) AS t(site_id, batch_id) "
-        "WHERE site_id IS NOT NULL"
-    )
-    statements += [f"CREATE VIEW {name} AS {view.sql.strip()}" for name, view in VIEWS.items()]
-    return statements + comment_statements()
 
 
 def refresh_catalog_db(release: Release, work_dir: str) -> bool:

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import duckdb
 
-from tasks.publish import Release, catalog_view_statements
+from tasks.catalog_query import catalog_view_statements
+from tasks.zones import Release
 
 REPORT_PATH = "reports/index.html"
 

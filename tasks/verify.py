@@ -45,7 +45,7 @@ from tasks.deidentify.walk import (
     read_header,
     walk,
 )
-from tasks.publish import Release
+from tasks.zones import Release
 
 __all__ = ["IdentifierMatcher"]  # the gate's matcher is the cleaner's (tasks/deidentify/text.py)
 

@@ -9,7 +9,8 @@ import pytest
 
 from schemas import catalog as cat
 from tasks.catalog_dictionary import descriptions
-from tasks.publish import CATALOG_DB, CATALOG_README, Release, refresh_catalog_db
+from tasks.publish import CATALOG_README, refresh_catalog_db
+from tasks.zones import CATALOG_DB, Release
 from tests.test_publish import publish
 
 

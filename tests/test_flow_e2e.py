@@ -15,7 +15,7 @@ import pydicom
 import pytest
 
 from tasks.deidentify.keys import PseudonymKeys
-from tasks.publish import Release
+from tasks.zones import Release
 from tests.conftest import TEST_SECRET
 
 SC_PREFIX = "1.2.840.10008.5.1.4.1.1.7"

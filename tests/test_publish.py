@@ -10,7 +10,8 @@ import duckdb
 import pyarrow as pa
 
 from schemas import catalog as cat
-from tasks.publish import Release, publish_batch, read_published, refresh_catalog_db
+from tasks.publish import publish_batch, read_published, refresh_catalog_db
+from tasks.zones import Release
 
 
 def batch_tables(sop: str) -> dict[str, pa.Table]:

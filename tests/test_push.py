@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from flows.cli import app
 from schemas.config import load_config
 from tasks.pacs.push import PushLedger, ledger_path, push_plan, push_release
-from tasks.publish import Release
+from tasks.zones import Release
 from tests.released import with_config
 
 runner = CliRunner()
@@ -102,7 +102,7 @@ def test_push_killed_part_way_resumes_without_resending(research):
         "import os, signal, sys\n"
         "from schemas.config import load_config\n"
         "from tasks.pacs.push import PushLedger, ledger_path, push_release\n"
-        "from tasks.publish import Release\n"
+        "from tasks.zones import Release\n"
         "cfg = load_config(sys.argv[1])\n"
         "ledger = PushLedger(ledger_path(cfg.work_dir, 'dimse'))\n"
         "push_release(Release(cfg.release), cfg.research_pacs['dimse'], ledger,\n"

@@ -20,14 +20,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from tasks.catalog_query import catalog_view_statements
 from tasks.deidentify.keys import PseudonymKeys
-from tasks.publish import (
-    CATALOG_DB,
-    KEY_CHECK,
-    Release,
-    catalog_fingerprint,
-    catalog_view_statements,
-)
+from tasks.publish import catalog_fingerprint
+from tasks.zones import CATALOG_DB, KEY_CHECK, Release
 from tests.conftest import TEST_SECRET
 
 OTHER_SECRET = "another-radrepo-secret-9876543210"

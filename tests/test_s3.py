@@ -120,7 +120,7 @@ def test_nightly_publishes_to_s3_as_to_a_folder_and_duckdb_reads_it_there(
     from flows.cli import app
     from flows.nightly import nightly
     from tasks.catalog_query import open_catalog
-    from tasks.publish import Release
+    from tasks.zones import Release
 
     options = {"client_kwargs": {"endpoint_url": s3_endpoint}}
     fs = s3fs.S3FileSystem(**options)

@@ -8,15 +8,9 @@ import hashlib
 import duckdb
 import pyarrow as pa
 
-from tasks.publish import (
-    Release,
-    drop_superseded,
-    parse_marker,
-    publish_batch,
-    refresh_catalog_db,
-    versioned_path,
-)
+from tasks.publish import drop_superseded, publish_batch, refresh_catalog_db, versioned_path
 from tasks.verify import check_manifests
+from tasks.zones import Release, parse_marker
 from tests.test_publish import batch_tables, run_table
 
 DICOM = "dicom/s1/P1/2.25.1/2.25.2/2.25.3.dcm"

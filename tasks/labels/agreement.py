@@ -13,7 +13,7 @@ from statsmodels.stats.inter_rater import fleiss_kappa
 
 from schemas.label_schema import LabelSchema, load_label_schema
 from tasks.catalog_query import open_catalog
-from tasks.publish import Release
+from tasks.zones import Release
 
 AGREEMENT = pa.schema([
     ("site_id", pa.string()),  # the site whose studies were read

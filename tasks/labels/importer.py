@@ -28,9 +28,9 @@ from pydantic import ValidationError
 from schemas.catalog import LABELS
 from schemas.label_schema import LabelSchema
 from tasks.deidentify.keys import PseudonymKeys
+from tasks.deidentify.text import IdentifierMatcher
 from tasks.labels.form import STUDY_SYSTEM
-from tasks.publish import Release, table_bytes
-from tasks.verify import IdentifierMatcher
+from tasks.zones import Release, table_bytes
 
 PSEUDONYM = re.compile(r"P[0-9A-F]{16}")
 PUBLISHED_UID = re.compile(r"2\.25\.[1-9][0-9]{0,38}")

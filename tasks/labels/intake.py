@@ -23,7 +23,7 @@ from tasks.labels.segmentations import (
     check_segmentation,
     publish_segmentations,
 )
-from tasks.publish import Release
+from tasks.zones import Release
 
 
 def import_inputs(release: Release, con: duckdb.DuckDBPyConnection, checker: LabelChecker,

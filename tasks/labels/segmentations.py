@@ -16,9 +16,10 @@ from pydicom.errors import InvalidDicomError
 
 from schemas.catalog import SEGMENTATIONS
 from tasks.deidentify.profile import Profile
+from tasks.deidentify.text import IdentifierMatcher
 from tasks.labels.importer import LabelRejected, PublishedStudy
-from tasks.publish import Release, table_bytes
-from tasks.verify import IdentifierMatcher, check_structure
+from tasks.verify import check_structure
+from tasks.zones import Release, table_bytes
 
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 

@@ -29,7 +29,7 @@ from schemas.config import DicomWebResearchPacs, DimseResearchPacs, ResearchPacs
 from tasks.pacs.dicomweb import DicomWebClient, http_client
 from tasks.pacs.dimse import DimseClient
 from tasks.pacs.study import PacsUnavailable
-from tasks.publish import Release
+from tasks.zones import Release
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")
 REFERENCED_SOP_SEQUENCE = "00081199"
