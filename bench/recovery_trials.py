@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from flows.cluster import local_cluster  # noqa: E402
+from synth import synthesize  # noqa: E402
 from tasks.kill_point import POINTS  # noqa: E402
-from tasks.synth import synthesize  # noqa: E402
 from tasks.zones import Release  # noqa: E402
 from tests.conftest import TEST_SECRET  # noqa: E402
 from tests.test_recovery import (  # noqa: E402

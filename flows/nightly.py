@@ -27,9 +27,9 @@ from prefect.runtime import flow_run
 from flows import progress, recovery
 from flows.cluster import local_cluster
 from flows.secret import check_release_key, keys_from_env
-from flows.site_batch import site_batch
+from flows.site_batch import site_batch, without_heartbeat
 from schemas.config import DaskConfig, RadrepoConfig, load_config
-from tasks import ingest
+from tasks import discovery, ledger
 from tasks.zones import Release
 
 Wanted = Callable[[str], bool]
@@ -85,13 +85,13 @@ def run_site(config_path: str, config: RadrepoConfig, site_id: str, wanted: Want
     release = Release(config.release, config.release_storage_options)
     plan = recovery.repair_site(config, release, site_id, str(flow_run.id or "local"))
     published = set() if force else {b for s, b in release.complete_batches() if s == site_id}
-    found = ingest.discover_batches(
+    found = discovery.discover_batches(
         site, config.work_dir, published, window,
         notify=lambda note: logger.warning("site %s: %s", site_id, note))
     for batch in found:  # after the republishes cut short and the rekeys repair_site found
         if (wanted(batch.batch_id) or (batch.pacs and window is not None)) and (
                 batch.batch_id not in plan):
-            ingest.save_pending(batch, config.work_dir)
+            ledger.save_pending(batch, config.work_dir)
             if force:  # a plain rerun finishes a republish this run does not
                 recovery.mark_republish(config.work_dir, site_id, batch.batch_id)
             plan.append(batch.batch_id)
@@ -99,8 +99,9 @@ def run_site(config_path: str, config: RadrepoConfig, site_id: str, wanted: Want
         progress.current().discovered(len(plan))
     summaries = []
     for batch_id in plan:
-        summaries.append(site_batch.with_options(flow_run_name=f"{site_id}/{batch_id}")(
-            config_path, site_id, batch_id, force=force, scheduler=cluster.address()))
+        with without_heartbeat():
+            summaries.append(site_batch.with_options(flow_run_name=f"{site_id}/{batch_id}")(
+                config_path, site_id, batch_id, force=force, scheduler=cluster.address()))
     return summaries
 
 

@@ -19,12 +19,13 @@ import pyarrow as pa
 
 from schemas.config import PACS_KINDS, SourceConfig
 from schemas.pipeline import DEIDENTIFIED, OK, QUARANTINE, QUARANTINED, SOURCE_INDEX
-from tasks import dedupe, indexing, retrieval, verify
+from tasks import dedupe, indexing, retrieval, sources, verify
 from tasks.contact_sheet import thumbnail_png
 from tasks.deidentify import DeidContext, ParsedSource, Quarantine, parse_source, rewrite_source
 from tasks.deidentify.profile import load_profile
 from tasks.deidentify.text import IdentifierMatcher
-from tasks.ledger import BatchRef, site_identifiers, site_work_dir
+from tasks.ledger import BatchRef, site_identifiers
+from tasks.zones import WorkDir
 
 # what a source object is, rather than how it failed to de-identify: recorded at ingest
 INGEST_REASONS = ("not DICOM", "DICOMDIR index file (not an image)", "no SOP Instance UID")
@@ -46,9 +47,9 @@ def batch_context(work_dir: str, site_id: str, batch_id: str, deid: DeidContext,
                   split_minutes: int = 30) -> PassContext:
     """The one pass's context for one batch of a site: outputs into the batch's staging,
     quarantined bytes into its quarantine folder, the site's identifiers met so far."""
-    work = site_work_dir(work_dir, site_id)
-    return PassContext(deid=deid, out_dir=str(work / "staging" / batch_id / "deidentified"),
-                       quarantine_dir=str(work / "quarantine" / batch_id),
+    work = WorkDir(work_dir, site_id)
+    return PassContext(deid=deid, out_dir=str(work.staging(batch_id) / "deidentified"),
+                       quarantine_dir=str(work.quarantine(batch_id)),
                        prior_identifiers=site_identifiers(work_dir, site_id),
                        split_minutes=split_minutes)
 
@@ -86,7 +87,7 @@ def _matcher(values: tuple[str, ...]) -> IdentifierMatcher:
     return IdentifierMatcher(values)
 
 
-def process_unit(unit: indexing.WorkUnit, ctx: PassContext) -> UnitResult:
+def process_unit(unit: sources.WorkUnit, ctx: PassContext) -> UnitResult:
     """Read, de-identify, gate and write every object of one unit (see the module)."""
     profile = load_profile(ctx.deid.options)
     result = UnitResult()
@@ -170,7 +171,7 @@ def _uid_map(deid: DeidContext, targets: dict[str, str],
     return uid_map
 
 
-def _index_row(unit: indexing.WorkUnit, read: indexing.SourceRead, oid: str, status: str,
+def _index_row(unit: sources.WorkUnit, read: indexing.SourceRead, oid: str, status: str,
                reason: str | None, header: dict | None) -> dict:
     header = header or {}
     key = read.key
@@ -193,7 +194,7 @@ def _keep_copy(oid: str, data: bytes | None, ctx: PassContext) -> None:
     (folder / oid).write_bytes(data)
 
 
-def _refuse(result: UnitResult, unit: indexing.WorkUnit, read: indexing.SourceRead, oid: str,
+def _refuse(result: UnitResult, unit: sources.WorkUnit, read: indexing.SourceRead, oid: str,
             reason: str, data: bytes | None, ctx: PassContext) -> None:
     """An object refused before de-identification: at ingest when it is no DICOM image to
     take (or cannot be read), else at de-identification."""
@@ -249,18 +250,18 @@ def _found_elsewhere(results: list[UnitResult], new: set[str]) -> dict[str, set[
     return late
 
 
-def work_units(batch: BatchRef, source: SourceConfig, work_dir: str) -> list[indexing.WorkUnit]:
+def work_units(batch: BatchRef, source: SourceConfig, work_dir: str) -> list[sources.WorkUnit]:
     """What the one pass takes of a batch: a PACS batch's studies retrieved whole into the
     private zone, else the source's objects grouped into units (nothing opened)."""
     if source.kind in PACS_KINDS:
-        return retrieval.retrieve_batch(batch, source, site_work_dir(work_dir, batch.site_id))
-    objects = [indexing.UnitObject(o.key, o.size, o.problem) for o in batch.objects]
+        return retrieval.retrieve_batch(batch, source, WorkDir(work_dir, batch.site_id))
+    objects = [sources.UnitObject(o.key, o.size, o.problem) for o in batch.objects]
     if source.kind == "zip_batches":
         return indexing.zip_units(source.path, objects, source.storage_options)
     return indexing.folder_units(source.path, objects, source.storage_options)
 
 
-def read_batch(units: list[indexing.WorkUnit], ctx: PassContext, client=None,
+def read_batch(units: list[sources.WorkUnit], ctx: PassContext, client=None,
                files_done: Callable[[int], None] | None = None) -> BatchPass:
     """Run the one pass over every unit (on Dask workers when ``client``), then quarantine
     each output holding an identifier met in another unit of the batch."""

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from schemas.config import RadrepoConfig
 from schemas.pipeline import SOURCE_INDEX
-from tasks import ingest, site_lock
+from tasks import discovery, ledger, site_lock
 from tasks import publish as publishing
 from tasks.kill_point import kill_point
 from tasks.zones import CATALOG_DB, KEY_CHECK, TEMPORARY, Release, WorkDir
@@ -70,16 +70,17 @@ def batches_due(config: RadrepoConfig, release: Release, site_id: str) -> list[s
 
 def _settle_ingest(config: RadrepoConfig, site_id: str, batch_id: str) -> None:
     """Record a complete batch's objects in the ledger, then drop its staging and pending."""
-    pending = ingest.load_pending(config.work_dir, site_id, batch_id)
+    pending = ledger.load_pending(config.work_dir, site_id, batch_id)
     if pending is None:
         return
     index_path = WorkDir(config.work_dir, site_id).index(batch_id)
     index = pq.read_table(index_path, schema=SOURCE_INDEX) if index_path.exists() else (
         SOURCE_INDEX.empty_table())
-    ingest.record_ingested(pending, index, config.work_dir)
+    discovery.mark_batch_published(config.work_dir, site_id, batch_id)
+    ledger.record_ingested(pending, index, config.work_dir)
     kill_point("after:ledger")
-    ingest.clear_staging(pending, config.work_dir)
-    ingest.forget_pending(config.work_dir, site_id, batch_id)
+    ledger.clear_staging(pending, config.work_dir)
+    ledger.forget_pending(config.work_dir, site_id, batch_id)
 
 
 def finish_batch(config: RadrepoConfig, release: Release, site_id: str,

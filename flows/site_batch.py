@@ -40,9 +40,11 @@ from tasks.deidentify import (
 )
 from tasks.deidentify.keys import PseudonymKeys
 from tasks.deidentify.profile import load_profile
+from tasks.deidentify.text import IdentifierMatcher
 from tasks.indexing import WorkUnit
 from tasks.kill_point import kill_point
 from tasks.ledger import BatchRef
+from tasks.zones import Release
 
 
 def step(name: str) -> Callable:
@@ -98,7 +100,7 @@ def clinical_join_step(deidentified: pa.Table, patients: pa.Table,
 
 
 @step(name="dedupe")
-def dedupe_step(deidentified: pa.Table, excluded: set[int], release: publishing.Release,
+def dedupe_step(deidentified: pa.Table, excluded: set[int], release: Release,
                 site_id: str, batch_id: str, merges: list[dict]) -> dedupe.DedupeResult:
     published = publishing.read_published(release, "instances", site_id, batch_id,
                                           ["sop_uid", "sha256", "study_uid", "pixel_sha256"])
@@ -138,7 +140,7 @@ def verify_step(work_dir: str, site_id: str, assembled: catalog.CatalogBatch, ru
     """The gate on what the files do not carry: fail the batch if any identifier seen at the
     site (in this batch or another) is in a release path, a catalog row or a report. The
     files themselves were gated by the one pass while it held their bytes."""
-    matcher = verify.read_identifiers(ledger.site_identifier_files(work_dir, site_id))
+    matcher = IdentifierMatcher(ledger.site_identifiers(work_dir, site_id))
     findings = verify.scan_names([f"batch {batch_id}"], matcher)
     if findings and discovery.withdraw_batch_id(work_dir, site_id, batch_id):
         raise verify.LeakFound(f"site {site_id}: a batch id matches an identifier met at the "
@@ -155,7 +157,7 @@ def verify_step(work_dir: str, site_id: str, assembled: catalog.CatalogBatch, ru
 
 
 @step(name="publish")
-def publish_step(release: publishing.Release, site_id: str, batch_id: str,
+def publish_step(release: Release, site_id: str, batch_id: str,
                  assembled: catalog.CatalogBatch, deidentified: pa.Table, run: pa.Table,
                  run_id: str, reports: dict[str, bytes],
                  key_check: str) -> publishing.PublishResult:
@@ -210,7 +212,7 @@ def site_batch(config: RadrepoConfig | str, site_id: str, batch_id: str, force: 
     ``config`` is a parsed configuration or the path of its file (what flow runs record)."""
     if isinstance(config, str):
         config = load_config(Path(config))
-    release = publishing.Release(config.release, config.release_storage_options)
+    release = Release(config.release, config.release_storage_options)
     started = datetime.now(UTC)
     STEP_SECONDS.set({})
     keys = keys_from_env(config.secret_env)
@@ -221,7 +223,7 @@ def site_batch(config: RadrepoConfig | str, site_id: str, batch_id: str, force: 
                            scheduler, run_id, started)
 
 
-def _take_batch(config: RadrepoConfig, release: publishing.Release, keys: PseudonymKeys,
+def _take_batch(config: RadrepoConfig, release: Release, keys: PseudonymKeys,
                 key_check: str, site_id: str, batch_id: str, force: bool,
                 scheduler: str | None, run_id: str, started: datetime) -> dict[str, Any]:
     """site_batch's work, under the site's lock: whether the batch is due is decided here."""

@@ -18,6 +18,12 @@ SHARED_MODULES: frozenset[str] = frozenset({
     "tasks.failures",  # failures of a whole site
     "tasks.kill_point",  # where fault-injection tests kill the process
     "tasks.site_lock",  # one writer per site
+    "tasks.ledger",  # the private zone's records of what came in
+    "tasks.sources",  # a source's objects, and the one safe way to open an entry
+    "tasks.pacs",  # the PACS clients (DIMSE, DICOMweb; pushing is a step of its own)
+    "tasks.pacs.dicomweb",
+    "tasks.pacs.dimse",
+    "tasks.pacs.study",
     # definitions of the de-identification package every step judges by, with no step in
     # them: the profile, the pseudonym keys, and the one way text and identifiers are matched
     "tasks.deidentify.profile",

@@ -33,10 +33,11 @@ from schemas.config import (
     DimseSourceConfig,
     SiteConfig,
 )
-from tasks import indexing, pacs
+from tasks import pacs, sources
 from tasks.deidentify.text import IdentifierMatcher
 from tasks.failures import SourceUnavailable
-from tasks.ledger import BatchRef, SourceObject, read_ledger, site_identifiers, site_work_dir
+from tasks.ledger import BatchRef, SourceObject, read_ledger, site_identifiers
+from tasks.zones import WorkDir
 
 BATCH_FOLDER = re.compile(r"^(?P<batch>.+?)-(?P<state>COMPLETE|IN-PROGRESS)$")
 BATCH_ID = re.compile(r"^(?P<words>[A-Z][A-Z0-9]*(?:-[A-Z][A-Z0-9]*)*)-(?P<date>\d{8})$")
@@ -90,7 +91,7 @@ def _symlink_problem(path: bytes, real_root: str) -> tuple[str | None, os.stat_r
     if stat.S_ISDIR(target.st_mode):
         return "symlink to a folder (not followed)", target
     if not stat.S_ISREG(target.st_mode):
-        return f"symlink to a {indexing.special_kind(target.st_mode)}", target
+        return f"symlink to a {sources.special_kind(target.st_mode)}", target
     return None, target
 
 
@@ -118,7 +119,7 @@ def _walk_local(root: str) -> dict[str, dict]:
             except FileNotFoundError:
                 continue  # gone between listing and looking: nothing there to account for
             except OSError as err:  # e.g. a path too long to look at: quarantined, not fatal
-                out[key] = {"size": 0, "mtime": 0, "problem": indexing.unreadable(err)}
+                out[key] = {"size": 0, "mtime": 0, "problem": sources.unreadable(err)}
                 continue
             size, mtime = info.st_size, info.st_mtime
             if stat.S_ISDIR(info.st_mode):
@@ -129,7 +130,7 @@ def _walk_local(root: str) -> dict[str, dict]:
                 if problem is None:
                     size, mtime = target.st_size, target.st_mtime
             elif problem is None and not stat.S_ISREG(info.st_mode):
-                problem = f"not a regular file ({indexing.special_kind(info.st_mode)})"
+                problem = f"not a regular file ({sources.special_kind(info.st_mode)})"
             out[key] = {"size": size, "mtime": mtime, **({"problem": problem} if problem else {})}
     return out
 
@@ -225,7 +226,7 @@ class BatchNames:
 
     def __init__(self, work_dir: str, site_id: str):
         self.work_dir, self.site_id = work_dir, site_id
-        self.path = site_work_dir(work_dir, site_id) / "batch_ids.json"
+        self.path = WorkDir(work_dir, site_id).batch_ids
         record = json.loads(self.path.read_text()) if self.path.exists() else {}
         self.salt: str = record.get("salt") or secrets.token_hex(32)
         self.folders: dict[str, dict] = record.get("folders", {})
@@ -335,11 +336,11 @@ def _same_bytes(fs, root: str, key: str, seen: dict) -> bool:
     the bytes it recorded: the one case discovery reads a file (its hash is kept in
     ``seen["digest"]``, to name the batch it joins if it changed)."""
     try:
-        with indexing.open_source(fs, root, key) as fh:
+        with sources.open_source(fs, root, key) as fh:
             digest = hashlib.sha256()
             while block := fh.read(1 << 20):
                 digest.update(block)
-    except (indexing.Unusable, OSError):
+    except (sources.Unusable, OSError):
         return False
     seen["digest"] = digest.hexdigest()
     return seen["digest"] == seen["sha256"]

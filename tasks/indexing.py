@@ -9,12 +9,10 @@ zip members are streamed out of their archive once, never staged. An object that
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import lzma
 import os
 import re
-import stat
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -25,6 +23,8 @@ from typing import BinaryIO
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from tasks.sources import UnitObject, Unusable, WorkUnit, open_source, unreadable
+
 MAX_MEMBER_BYTES = 4 << 30
 MAX_COMPRESSION_RATIO = 200
 UNIT_FILES = 64  # files of a folder source one task takes at most
@@ -32,26 +32,6 @@ ZIP_NAME = re.compile(
     r"^(?P<patient>[^_]+)_(?P<time>\d{8}-\d{6})_(?P<exam>[^_]+)_(?P<description>.+)\.zip$",
     re.IGNORECASE,
 )
-
-
-@dataclass(frozen=True)
-class UnitObject:
-    """One object of a work unit as discovery listed it."""
-
-    key: str
-    size: int = 0
-    problem: str | None = None  # why discovery already knows it cannot be read
-
-
-@dataclass(frozen=True)
-class WorkUnit:
-    """The source objects one task reads: files under ``root`` (an fsspec URL or a local
-    folder, with its storage options), zip archives among them read member by member."""
-
-    root: str
-    objects: tuple[UnitObject, ...]
-    storage_options: dict = field(default_factory=dict)
-    keyed_by_sop: str | None = None  # a PACS study: its objects get key <study>/<sop uid>
 
 
 @dataclass(frozen=True)
@@ -66,10 +46,6 @@ class SourceRead:
     problem: str | None = None
     local_path: str | None = None
     exam: dict = field(default_factory=dict)  # exam_id, exam_time, exam_description, member_path
-
-
-class Unusable(Exception):
-    """An object that cannot be read; the message is its quarantine reason."""
 
 
 def object_id(key: str) -> str:
@@ -178,55 +154,3 @@ def _member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, zip_key: str,
         return SourceRead(key, None, info.file_size, None,
                           f"corrupt zip entry ({type(err).__name__})", exam=exam)
     return SourceRead(key, data, len(data), hashlib.sha256(data).hexdigest(), exam=exam)
-
-
-def special_kind(mode: int) -> str:
-    if stat.S_ISFIFO(mode):
-        return "FIFO"
-    if stat.S_ISSOCK(mode):
-        return "socket"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "device"
-    return "special file"
-
-
-def unreadable(err: OSError) -> str:
-    return ("unreadable (permission denied)" if isinstance(err, PermissionError)
-            else f"unreadable ({type(err).__name__})")
-
-
-def _open_local(root: str, key: str) -> BinaryIO:
-    """A source file opened for reading if it is (or links, inside ``root``, to) a regular
-    file; else Unusable saying why. Never opens anything else (a FIFO would block)."""
-    path = os.path.join(root, key)
-    real_root = os.path.realpath(root)
-    real = os.path.realpath(path)
-    if os.path.commonpath([real, real_root]) != real_root:
-        raise Unusable("symlink leads outside the source folder")
-    try:
-        mode = os.stat(real).st_mode
-        if not stat.S_ISREG(mode):
-            raise Unusable(f"not a regular file ({special_kind(mode)})")
-        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        raise Unusable("file vanished during ingest") from None
-    except OSError as err:
-        if err.errno == errno.ELOOP:
-            raise Unusable("symlink loop") from None
-        raise Unusable(unreadable(err)) from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped between the look and the open
-        os.close(fd)
-        raise Unusable("not a regular file")
-    return os.fdopen(fd, "rb")
-
-
-def open_source(fs, root: str, key: str) -> BinaryIO:
-    """A source object opened for reading; Unusable saying why it cannot be."""
-    if isinstance(fs, LocalFileSystem):
-        return _open_local(root, key)
-    try:
-        return fs.open(f"{root}/{key}", "rb")
-    except FileNotFoundError:
-        raise Unusable("file vanished during ingest") from None
-    except OSError as err:
-        raise Unusable(unreadable(err)) from None

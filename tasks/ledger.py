@@ -1,11 +1,11 @@
 """The site's private records of what came in: the ledger of source objects taken into published
 batches (so the next run skips them), discovered batches waiting for their run, each batch's
-index, identifier list and quarantine listing, and its staging.
+index, identifier list and quarantine listing, and its staging (where each lives:
+``tasks.zones.WorkDir``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from schemas.pipeline import LEDGER, QUARANTINE
+from tasks.zones import WorkDir
 
 IDENTIFIERS = pa.schema([("value", pa.string())])
 
@@ -43,12 +44,8 @@ class BatchRef:
     pacs: bool = False  # objects are studies (key: Study Instance UID, size: instance count)
 
 
-def site_work_dir(work_dir: str, site_id: str) -> Path:
-    return Path(work_dir) / site_id
-
-
 def read_ledger(work_dir: str, site_id: str) -> pa.Table:
-    path = site_work_dir(work_dir, site_id) / "ledger.parquet"
+    path = WorkDir(work_dir, site_id).ledger
     return pq.read_table(path, schema=LEDGER) if path.exists() else LEDGER.empty_table()
 
 
@@ -75,26 +72,19 @@ def record_ingested(batch: BatchRef, index: pa.Table, work_dir: str) -> None:
         kept = [r for r in ledger if r["key"] not in done]
     if not rows:
         return
-    path = site_work_dir(work_dir, batch.site_id) / "ledger.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    pq.write_table(pa.Table.from_pylist(kept + rows, schema=LEDGER), tmp)
-    os.replace(tmp, path)
-
-
-def _pending_path(work_dir: str, site_id: str, batch_id: str) -> Path:
-    return site_work_dir(work_dir, site_id) / "pending" / f"{batch_id}.json"
+    _atomic_table(pa.Table.from_pylist(kept + rows, schema=LEDGER),
+                  WorkDir(work_dir, batch.site_id).ledger)
 
 
 def save_pending(batch: BatchRef, work_dir: str) -> None:
     """Keep a discovered batch in the private zone so the run that takes it need not rescan."""
-    path = _pending_path(work_dir, batch.site_id, batch.batch_id)
+    path = WorkDir(work_dir, batch.site_id).pending(batch.batch_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(asdict(batch)))
 
 
 def load_pending(work_dir: str, site_id: str, batch_id: str) -> BatchRef | None:
-    path = _pending_path(work_dir, site_id, batch_id)
+    path = WorkDir(work_dir, site_id).pending(batch_id)
     if not path.exists():
         return None
     raw = json.loads(path.read_text())
@@ -104,22 +94,17 @@ def load_pending(work_dir: str, site_id: str, batch_id: str) -> BatchRef | None:
 
 
 def forget_pending(work_dir: str, site_id: str, batch_id: str) -> None:
-    _pending_path(work_dir, site_id, batch_id).unlink(missing_ok=True)
+    WorkDir(work_dir, site_id).pending(batch_id).unlink(missing_ok=True)
 
 
 def clear_staging(batch: BatchRef, work_dir: str) -> None:
     """Drop a published batch's staged copies, PACS studies received for it included (the
     source and the release keep what matters)."""
-    work = site_work_dir(work_dir, batch.site_id)
-    shutil.rmtree(work / "staging" / batch.batch_id, ignore_errors=True)
+    work = WorkDir(work_dir, batch.site_id)
+    shutil.rmtree(work.staging(batch.batch_id), ignore_errors=True)
     if batch.pacs:
         for obj in batch.objects:
-            shutil.rmtree(received_folder(work, obj.key), ignore_errors=True)
-
-
-def received_folder(work: Path, study_uid: str) -> Path:
-    """Where a PACS study is received whole in a site's private zone (by an opaque name)."""
-    return work / "received" / hashlib.sha256(study_uid.encode()).hexdigest()[:16]
+            shutil.rmtree(work.received_study(obj.key), ignore_errors=True)
 
 
 def _atomic_table(table: pa.Table, path: Path) -> None:
@@ -133,26 +118,21 @@ def write_batch_records(work_dir: str, site_id: str, batch_id: str, index: pa.Ta
                         quarantine: pa.Table, identifiers: list[str]) -> None:
     """Keep a batch's index, its quarantine listing and its identifier list (what the gate
     on any later batch of the site searches for) in the private zone."""
-    work = site_work_dir(work_dir, site_id)
-    _atomic_table(index, work / "index" / f"{batch_id}.parquet")
+    work = WorkDir(work_dir, site_id)
+    _atomic_table(index, work.index(batch_id))
     _atomic_table(pa.table({"value": identifiers}, schema=IDENTIFIERS),
-                  work / "index" / f"{batch_id}.identifiers.parquet")
-    listing = work / "quarantine" / batch_id / "quarantine.parquet"
+                  work.identifiers(batch_id))
+    listing = work.quarantine_list(batch_id)
     if quarantine.num_rows:
         _atomic_table(quarantine.cast(QUARANTINE), listing)
     else:
         listing.unlink(missing_ok=True)
 
 
-def site_identifier_files(work_dir: str, site_id: str) -> list[Path]:
-    """Every identifier list the one pass left for the site, one per batch: what the gate on
-    any one batch searches for (names met in another batch included)."""
-    return sorted((site_work_dir(work_dir, site_id) / "index").glob("*.identifiers.parquet"))
-
-
 def site_identifiers(work_dir: str, site_id: str) -> tuple[str, ...]:
-    """The identifying values met at the site so far, in every batch's list."""
+    """The identifying values met at the site so far, in every batch's list: what the gate
+    on any one batch searches for (names met in another batch included)."""
     values: set[str] = set()
-    for path in site_identifier_files(work_dir, site_id):
+    for path in WorkDir(work_dir, site_id).identifier_files():
         values.update(v for v in pq.read_table(path).column("value").to_pylist() if v)
     return tuple(sorted(values))

@@ -8,16 +8,15 @@ asking the PACS again; they stay there until a published batch holds them.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from schemas.config import DicomWebSourceConfig, DimseSourceConfig
 from tasks import pacs
-from tasks.indexing import UnitObject, WorkUnit
-from tasks.ledger import BatchRef, received_folder
+from tasks.ledger import BatchRef
+from tasks.sources import UnitObject, WorkUnit
+from tasks.zones import WorkDir
 
 
 def retrieve_batch(batch: BatchRef, source: DimseSourceConfig | DicomWebSourceConfig,
-                   work: Path) -> list[WorkUnit]:
+                   work: WorkDir) -> list[WorkUnit]:
     """One unit per study retrieved whole (its files keyed by study and SOP Instance UID),
     and one unit of the studies refused, each with its reason."""
     units: list[WorkUnit] = []
@@ -28,7 +27,7 @@ def retrieve_batch(batch: BatchRef, source: DimseSourceConfig | DicomWebSourceCo
                 refused.append(UnitObject(obj.key, problem=pacs.MALFORMED_UID))
                 continue
             study = pacs.PacsStudy(obj.key, obj.size if obj.size >= 0 else None)
-            folder = received_folder(work, obj.key)
+            folder = work.received_study(obj.key)
             try:
                 files = pacs.retrieve_study(client, study, folder, source)
             except pacs.RetrieveFailed as err:
@@ -37,5 +36,5 @@ def retrieve_batch(batch: BatchRef, source: DimseSourceConfig | DicomWebSourceCo
             units.append(WorkUnit(str(folder), tuple(UnitObject(p.name, p.stat().st_size)
                                                      for p in files), keyed_by_sop=obj.key))
     if refused:
-        units.append(WorkUnit(str(work), tuple(refused)))
+        units.append(WorkUnit(str(work.root), tuple(refused)))
     return units

@@ -22,7 +22,6 @@ import yaml
 from pydicom.datadict import keyword_for_tag
 from pydicom.uid import UID_dictionary
 
-from schemas.pipeline import OK, QUARANTINED
 from tasks.deidentify.dataset import DUMMY_BY_VR
 from tasks.deidentify.profile import BASIC_PROFILE_CODE, OPTIONS, Profile
 from tasks.deidentify.rewrite import (
@@ -184,43 +183,7 @@ def scan_dicom_file(source: DicomSource, shown_as: str,
                     matcher: IdentifierMatcher) -> list[Finding]:
     """Identifier findings in one DICOM file (every element, nested, private, after the pixels
     and file meta included; the pixels themselves are not read)."""
-    return scan_header(header_bytes(source), shown_as, matcher)
-
-
-def scan_header(data: bytes, shown_as: str, matcher: IdentifierMatcher) -> list[Finding]:
-    """Identifier findings in a file's bytes as ``header_bytes`` reads them."""
-    return gate(data, shown_as, matcher, None)[0]
-
-
-def gate_deidentified(deidentified: pa.Table, matcher: IdentifierMatcher) -> pa.Table:
-    """The de-identified table with every file that still holds an identifier quarantined
-    (reason ``gate: <element keywords>``, never the value) and its output deleted, so the
-    rest of the batch can publish."""
-    rows = deidentified.to_pylist()
-    changed = False
-    for i, row in enumerate(rows):
-        if row["status"] != OK:
-            continue
-        try:
-            found = elements_holding(header_bytes(row["output_path"]), matcher)
-        except MalformedDataset:
-            found = ["(unreadable output)"]
-        if found:
-            Path(row["output_path"]).unlink(missing_ok=True)
-            rows[i] = {"seq": row["seq"], "object_id": row["object_id"],
-                       "status": QUARANTINED, "reason": "gate: " + ", ".join(found)}
-            changed = True
-    return pa.Table.from_pylist(rows, schema=deidentified.schema) if changed else deidentified
-
-
-def scan_outputs(files: Iterable[tuple[str, str]], matcher: IdentifierMatcher) -> list[Finding]:
-    """Findings in de-identified files about to be published: ``(path on disk, path shown)``
-    pairs, their headers and the names they will be published under."""
-    findings: list[Finding] = []
-    for path, shown_as in files:
-        findings += scan_names([shown_as], matcher)
-        findings += scan_dicom_file(path, shown_as, matcher)
-    return findings
+    return gate(header_bytes(source), shown_as, matcher, None)[0]
 
 
 def scan_names(names: Iterable[str], matcher: IdentifierMatcher) -> list[Finding]:
@@ -312,12 +275,7 @@ def scan_text(where: str, lines: Iterable[str], matcher: IdentifierMatcher) -> l
 
 def check_structure(source: DicomSource, shown_as: str, profile: Profile) -> list[Finding]:
     """What the profile promises about any output file, checked without knowing the source."""
-    return check_header(header_bytes(source), shown_as, profile)
-
-
-def check_header(data: bytes, shown_as: str, profile: Profile) -> list[Finding]:
-    """``check_structure`` of a file's bytes (``header_bytes``, or the whole file)."""
-    return structure_findings(OutputScan.of(data), shown_as, profile)
+    return gate(header_bytes(source), shown_as, None, profile)[0]
 
 
 def structure_findings(scan: OutputScan, shown_as: str, profile: Profile) -> list[Finding]:

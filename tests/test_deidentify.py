@@ -13,7 +13,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from flows.one_pass import BatchPass, PassContext, read_batch
-from tasks import indexing
+from tasks import sources
 from tasks.deidentify.keys import PseudonymKeys
 from tasks.deidentify.profile import load_profile
 from tasks.deidentify.remap import RemapError, load_remap
@@ -85,7 +85,7 @@ def one_pass(tmp_path: Path, paths: list[Path], remap=None, options=OPTIONS) -> 
     ctx = PassContext(DeidContext(keys=KEYS, site_id="site-x", options=options,
                                   remap=remap or {}),
                       str(tmp_path / "out"), str(tmp_path / "quarantine"))
-    unit = indexing.WorkUnit("/", tuple(indexing.UnitObject(str(p.resolve())[1:])
+    unit = sources.WorkUnit("/", tuple(sources.UnitObject(str(p.resolve())[1:])
                                         for p in paths))
     return read_batch([unit], ctx)
 

@@ -18,10 +18,6 @@ KNOWN: set[tuple[str, str]] = {
     ("tasks.verify", "tasks.deidentify.rewrite"),
     ("tasks.verify", "tasks.deidentify.study"),
     ("tasks.verify", "tasks.deidentify.walk"),
-    # ingest retrieves PACS studies with the PACS clients, and names batches with the gate's
-    # identifier lists (verify.read_identifiers)
-    ("tasks.ingest", "tasks.pacs"),
-    ("tasks.ingest", "tasks.verify"),
     # a returned segmentation is checked by the gate's structure check (verify.check_structure)
     ("tasks.labels.segmentations", "tasks.verify"),
 }

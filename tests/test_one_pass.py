@@ -14,7 +14,7 @@ from distributed import Client, WorkerPlugin
 
 from flows.cluster import local_cluster
 from flows.one_pass import PassContext, read_batch
-from tasks import discovery, indexing, ledger
+from tasks import discovery, indexing, ledger, sources
 from tasks.deidentify import DeidContext, PseudonymKeys
 from tests.test_deidentify import identified_ct
 
@@ -135,7 +135,7 @@ def test_split_exam_parts_are_written_once_into_the_first_parts_study(tmp_path):
                                                       "path": str(tmp_path / "src")})
     [batch] = discovery.discover_batches(site, str(tmp_path / "work"), set())
     units = indexing.zip_units(str(tmp_path / "src"), [
-        indexing.UnitObject(o.key, o.size) for o in batch.objects], {})
+        sources.UnitObject(o.key, o.size) for o in batch.objects], {})
     assert len(units) == 1  # one exam id: one task decides the merge
     done = read_batch(units, _context(tmp_path))
     rows = done.deidentified.to_pylist()
@@ -161,7 +161,7 @@ def test_another_patients_name_in_a_kept_value_quarantines_the_file(tmp_path, ap
         model="Scanner for Odalys Quirrel")
     site = discovery.SiteConfig(site_id="s1", source={"kind": "folder", "path": str(src)})
     [batch] = discovery.discover_batches(site, str(tmp_path / "work"), set())
-    units = indexing.folder_units(str(src), [indexing.UnitObject(o.key, o.size)
+    units = indexing.folder_units(str(src), [sources.UnitObject(o.key, o.size)
                                              for o in batch.objects], {})
     assert len(units) == (2 if apart else 1)
     done = read_batch(units, _context(tmp_path))
