@@ -7,11 +7,9 @@ header value, because Prefect stores parameters on its server.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,7 @@ from flows.batch_report import STEP_SECONDS, publish_report, timed
 from flows.cluster import dask_client
 from flows.one_pass import BatchPass, PassContext, batch_context, read_batch, work_units
 from flows.secret import check_release_key, keys_from_env
-from schemas.catalog import CLINICAL, RUNS
+from schemas.catalog import CLINICAL
 from schemas.config import RadrepoConfig, SourceConfig, load_config
 from schemas.pipeline import DEIDENTIFIED_CLINICAL
 from tasks import catalog, clinical, dedupe, discovery, ledger, qc, verify
@@ -100,31 +98,45 @@ def clinical_join_step(deidentified: pa.Table, patients: pa.Table,
 
 
 @step(name="dedupe")
-def dedupe_step(deidentified: pa.Table, excluded: set[int], release: Release,
-                site_id: str, batch_id: str, merges: list[dict]) -> dedupe.DedupeResult:
+def dedupe_step(deidentified: pa.Table, qc_result: qc.QcResult, joined: clinical.ClinicalJoin,
+                release: Release, site_id: str, batch_id: str,
+                merges: list[dict]) -> dedupe.DedupeResult:
+    """Copies of other files, among what QC and the inclusion window keep."""
+    window = catalog.window_excluded(deidentified, joined.outside_window)
     published = publishing.read_published(release, "instances", site_id, batch_id,
                                           ["sop_uid", "sha256", "study_uid", "pixel_sha256"])
     studies = publishing.read_published(release, "studies", site_id, batch_id,
                                         ["study_uid", "patient_id", "study_date", "study_time"])
-    return dedupe.find_duplicates(deidentified, excluded, published, batch_id,
+    return dedupe.find_duplicates(deidentified, set(qc_result.excluded) | set(window),
+                                  published, batch_id,
                                   dedupe.published_images(published, studies), merges)
 
 
 @step(name="decide")
 def decide_step(index: pa.Table, deidentified: pa.Table, qc_result: qc.QcResult,
-                window: dict[int, str], dups: dedupe.DedupeResult) -> pa.Table:
+                joined: clinical.ClinicalJoin, dups: dedupe.DedupeResult) -> pa.Table:
+    window = catalog.window_excluded(deidentified, joined.outside_window)
     return catalog.decide(index, deidentified, qc_result.excluded, window, dups.excluded)
 
 
 @step(name="catalog")
 def catalog_step(site_id: str, siteid: str, deidentified: pa.Table, decisions: pa.Table,
                  joined: clinical.ClinicalJoin, emr: DeidentifiedClinical, qc_result: qc.QcResult,
-                 dups: dedupe.DedupeResult, known: set[str]) -> catalog.CatalogBatch:
+                 dups: dedupe.DedupeResult, release: Release,
+                 batch_id: str) -> catalog.CatalogBatch:
+    known = {r["patient_id"] for r in publishing.read_published(
+        release, "patients", site_id, batch_id, ["patient_id"]).to_pylist()}
     return catalog.assemble_catalog(
         site_id=site_id, siteid=siteid, deidentified=deidentified, decisions=decisions,
         links=joined.links, clinical_patients=emr.patients, measurements=emr.measurements,
         qc_outcomes=pa.concat_tables([qc_result.outcomes, joined.outcomes]),
         duplicates=dups.rows, known_patients=known)
+
+
+@step(name="run_record")
+def run_record_step(run_id: str, options: tuple[str, ...], started: datetime,
+                    counts: dict) -> pa.Table:
+    return catalog.run_row(run_id, load_profile(options).method_description, started, counts)
 
 
 @step(name="contact_sheet")
@@ -149,7 +161,7 @@ def verify_step(work_dir: str, site_id: str, assembled: catalog.CatalogBatch, ru
         findings += verify.scan_names([relative], matcher)
         if relative.endswith(".html"):
             findings += verify.scan_report(relative, data, matcher)
-    findings += verify.scan_names([shown for _, shown in assembled.files], matcher)
+    findings += verify.scan_names([f[1] for f in assembled.files], matcher)
     for name, table in {**assembled.tables, "runs": run}.items():
         findings += verify.scan_table(name, table, matcher)
     verify.raise_if_found(findings)
@@ -158,15 +170,10 @@ def verify_step(work_dir: str, site_id: str, assembled: catalog.CatalogBatch, ru
 
 @step(name="publish")
 def publish_step(release: Release, site_id: str, batch_id: str,
-                 assembled: catalog.CatalogBatch, deidentified: pa.Table, run: pa.Table,
-                 run_id: str, reports: dict[str, bytes],
-                 key_check: str) -> publishing.PublishResult:
-    by_path = {r["output_path"]: r for r in deidentified.select(
-        ["output_path", "size_bytes", "sha256"]).to_pylist()}
-    files = [(staged, rel, by_path[staged]["size_bytes"], by_path[staged]["sha256"])
-             for staged, rel in assembled.files]
-    return publishing.publish_batch(release, site_id, batch_id, assembled.tables, files,
-                                    run, run_id, reports, key_check)
+                 assembled: catalog.CatalogBatch, run: pa.Table, run_id: str,
+                 reports: dict[str, bytes], key_check: str) -> publishing.PublishResult:
+    return publishing.publish_batch(release, site_id, batch_id, assembled.tables,
+                                    assembled.files, run, run_id, reports, key_check)
 
 
 @contextmanager
@@ -191,16 +198,6 @@ def find_batch(config: RadrepoConfig, site_id: str, batch_id: str) -> BatchRef:
             return batch
     raise BatchNotFound(f"site {site_id}: no batch {batch_id!r} in the source "
                         "(unknown, or still IN-PROGRESS)")
-
-
-def _run_table(run_id: str, site_profile: str, started: datetime, counts: dict) -> pa.Table:
-    return pa.Table.from_pylist([{
-        "run_id": run_id, "flow": "site_batch", "code_version": version("radrepo"),
-        "profile": site_profile, "started": started, "finished": datetime.now(UTC),
-        "files_in": counts["files_in"], "published": counts["published"],
-        "excluded": counts["excluded"], "quarantined": counts["quarantined"],
-        "counts": json.dumps(counts, sort_keys=True),
-    }], schema=RUNS)
 
 
 @flow(name="site_batch", persist_result=False)
@@ -253,24 +250,19 @@ def _take_batch(config: RadrepoConfig, release: Release, keys: PseudonymKeys,
 
     qc_result = qc_step(deidentified, config.qc_params(site_id))
     joined = clinical_join_step(deidentified, emr.patients, config.inclusion_windows)
-    window = catalog.window_excluded(deidentified, joined.outside_window)
-    dups = dedupe_step(deidentified, set(qc_result.excluded) | set(window), release, site_id,
-                       batch_id, done.merges)
-    decisions = decide_step(done.index, deidentified, qc_result, window, dups)
-    known = {r["patient_id"] for r in publishing.read_published(
-        release, "patients", site_id, batch_id, ["patient_id"]).to_pylist()}
+    dups = dedupe_step(deidentified, qc_result, joined, release, site_id, batch_id, done.merges)
+    decisions = decide_step(done.index, deidentified, qc_result, joined, dups)
     assembled = catalog_step(site_id, keys.siteid(site_id), deidentified, decisions, joined,
-                             emr, qc_result, dups, known)
-    profile = load_profile(tuple(config.deid.options)).method_description
+                             emr, qc_result, dups, release, batch_id)
     counts = {**assembled.counts, "skipped_already_ingested": batch.already_ingested,
               "clinical_rows_read": emr.rows_read,
               "clinical_rows_skipped": dict(sorted(emr.rows_skipped.items()))}
-    run = _run_table(run_id, profile, started, counts)
+    run = run_record_step(run_id, tuple(config.deid.options), started, counts)
     reports = contact_sheet_step(site_id, batch_id, assembled, done.thumbnails)
     verify_step(config.work_dir, site_id, assembled, run, reports, batch_id)
     kill_point("after:verify")
-    result = publish_step(release, site_id, batch_id, assembled, deidentified, run, run_id,
-                          reports, key_check)
+    result = publish_step(release, site_id, batch_id, assembled, run, run_id, reports,
+                          key_check)
     recovery.finish_batch(config, release, site_id, batch_id, run_id)
     if progress.current():
         progress.current().published()

@@ -6,8 +6,11 @@ with the reason), or published. The counts are checked to add up before anything
 
 from __future__ import annotations
 
+import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib.metadata import version
 
 import pyarrow as pa
 
@@ -25,10 +28,11 @@ class AccountingError(RuntimeError):
 
 @dataclass(frozen=True)
 class CatalogBatch:
-    """The tables of one batch, the files to publish, and the batch's accounting."""
+    """The tables of one batch, the files to publish (staged path, release path, size,
+    sha256), and the batch's accounting."""
 
     tables: dict[str, pa.Table]
-    files: list[tuple[str, str]]
+    files: list[tuple[str, str, int, str]]
     counts: dict
 
 
@@ -36,6 +40,17 @@ def dicom_path(site_id: str, row: dict) -> str:
     """Where a published file lives in the release (pseudonymous names only)."""
     return (f"dicom/{site_id}/{row['patient_id']}/{row['study_uid']}/"
             f"{row['series_uid']}/{row['sop_uid']}.dcm")
+
+
+def run_row(run_id: str, profile: str, started: datetime, counts: dict) -> pa.Table:
+    """The batch's row of the ``runs`` table."""
+    return pa.Table.from_pylist([{
+        "run_id": run_id, "flow": "site_batch", "code_version": version("radrepo"),
+        "profile": profile, "started": started, "finished": datetime.now(UTC),
+        "files_in": counts["files_in"], "published": counts["published"],
+        "excluded": counts["excluded"], "quarantined": counts["quarantined"],
+        "counts": json.dumps(counts, sort_keys=True),
+    }], schema=cat.RUNS)
 
 
 def window_excluded(deidentified: pa.Table, outside: dict[str, str]) -> dict[int, str]:
@@ -124,7 +139,8 @@ def assemble_catalog(
          "path": dicom_path(site_id, r)}
         for r in published
     ]
-    files = [(r["output_path"], dicom_path(site_id, r)) for r in published]
+    files = [(r["output_path"], dicom_path(site_id, r), r["size_bytes"], r["sha256"])
+             for r in published]
     excluded_instances = [
         {**{k: r[k] for k in ("sop_uid", "series_uid", "study_uid", "sop_class_uid", "modality",
                               "instance_number", "size_bytes", "sha256", "pixel_sha256")},
