@@ -15,36 +15,34 @@ from distributed import Client, LocalCluster
 
 from schemas.config import DaskConfig
 
-# Workers fork from one single-threaded server process (never from this threaded one), so each
-# starts with its imports done instead of a fresh interpreter importing everything again.
-START_METHOD = {"distributed.worker.multiprocessing-method": "forkserver"}
-
 
 def start_worker_server(preload: tuple[str, ...] = ()) -> None:
-    """Start the process local workers fork from now, importing ``distributed`` and
-    ``preload`` while the caller does other work, in the environment Dask sets for a worker
-    it spawns (thread counts, malloc trim, hash seed)."""
+    """From now on local workers fork from one single-threaded server process, started now,
+    that imports ``distributed`` and ``preload`` while the caller does other work: each worker
+    starts with its imports done, not as a fresh interpreter importing everything again. The
+    server runs in the environment Dask sets for a worker it spawns (thread counts, malloc
+    trim, hash seed)."""
     env = {k: str(v) for k, v in dask.config.get("distributed.nanny.pre-spawn-environ").items()}
     os.environ.update({"PYTHONHASHSEED": "6640", **env})  # as a Nanny does before it spawns
     multiprocessing.get_context("forkserver").set_forkserver_preload(["distributed", *preload])
     forkserver.ensure_running()
+    dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"})
 
 
 def local_cluster(workers: int, threads_per_worker: int = 1,
                   scratch: str | Path | None = None) -> LocalCluster:
     """A cluster of worker processes on this machine that listens on 127.0.0.1 only (its
     HTTP routes on a free loopback port, no dashboard); workers spill into ``scratch``."""
-    with dask.config.set(START_METHOD):
-        return LocalCluster(
-            n_workers=workers,
-            threads_per_worker=threads_per_worker,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address="127.0.0.1:0",
-            scheduler_kwargs={"dashboard": False},
-            silence_logs=logging.WARNING,
-            **({"local_directory": str(scratch)} if scratch else {}),
-        )
+    return LocalCluster(
+        n_workers=workers,
+        threads_per_worker=threads_per_worker,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address="127.0.0.1:0",
+        scheduler_kwargs={"dashboard": False},
+        silence_logs=logging.WARNING,
+        **({"local_directory": str(scratch)} if scratch else {}),
+    )
 
 
 @contextmanager
