@@ -7,7 +7,7 @@ import os
 import secrets
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Annotated
 
@@ -19,7 +19,6 @@ from rich.table import Table
 
 from flows.child_processes import start_temporary_prefect_server
 from flows.run_log import RunLog
-from flows.secret import SecretError, keys_from_env
 from schemas.config import ConfigError, RadrepoConfig, load_config, parse_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -173,6 +172,8 @@ def _run_errors() -> Iterator[_Run]:
     sites print the summary and one line each (exit 1); any other error one line (exit 1), its
     traceback in the run's log (set ``.log`` on the yielded object once it is open), closed at
     the end."""
+    from flows.secret import SecretError
+
     run = _Run()
     try:
         yield run
@@ -224,6 +225,8 @@ def run(
     work: Annotated[Path | None, typer.Option(help="private work folder (no CONFIG)")] = None,
 ) -> None:
     """Run every new batch (nightly), or the named sites/batches."""
+    from flows.secret import keys_from_env
+
     with _run_errors() as guard:
         if config is not None:
             if source or clinical or remap or release or work:
@@ -339,13 +342,15 @@ def deidentify(
         "site"),
     option: Annotated[list[str] | None, typer.Option(
         help="de-identification option (repeatable); default: the pipeline's")] = None,
-    workers: Annotated[int, typer.Option(min=1, help="Dask worker processes")] = 1,
+    workers: Annotated[int, typer.Option(
+        min=1, help="Dask worker processes (default: one per core)")] = os.cpu_count() or 1,
     secret_env: Annotated[str, typer.Option(help="variable holding the HMAC secret")] = (
         "RADREPO_SECRET"),
 ) -> None:
     """De-identify one folder with the pipeline's profile; exit 1 if anything was quarantined."""
+    from flows.cluster import forked_workers
     from flows.deidentify_folder import deidentify_folder
-    from flows.secret import keys_from_env
+    from flows.secret import SecretError, keys_from_env
     from schemas.config import DeidConfig
     from tasks.deidentify.profile import load_profile
     from tasks.verify import LeakFound
@@ -356,7 +361,9 @@ def deidentify(
         options = tuple(option) if option else DeidConfig().options
         load_profile(options)
         keys = keys_from_env(secret_env)
-        result = deidentify_folder(in_dir, out_dir, site_id, options, keys, workers)
+        # the workers' server boots while the folder is indexed
+        with forked_workers(("tasks.deidentify",)) if workers > 1 else nullcontext():
+            result = deidentify_folder(in_dir, out_dir, site_id, options, keys, workers)
     except (SecretError, ValueError) as err:
         _fail(str(err), 2)
     except LeakFound as err:
@@ -618,7 +625,7 @@ def labels_import(
 ) -> None:
     """Check completed labels and segmentations against the form and the catalog and append
     them to the release. Exit 1 if anything was rejected (the rest is imported)."""
-    from flows.secret import keys_from_env
+    from flows.secret import SecretError, keys_from_env
     from tasks.catalog_query import NoCatalog, open_catalog
     from tasks.deidentify.profile import load_profile
     from tasks.labels.importer import LabelChecker, published_studies
@@ -717,6 +724,8 @@ def demo(
     config_path = folder / "radrepo.yaml"
     config_path.write_text(yaml.safe_dump(demo_config(Path("sources"), truth), sort_keys=False))
     console.print(f"config: {config_path}", highlight=False)
+    from flows.secret import SecretError
+
     try:
         summaries = _run_nightly(load_config(config_path), config_path, None, None, False)
     except (ConfigError, SecretError) as err:

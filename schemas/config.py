@@ -6,6 +6,7 @@ part of the configuration: only the name of the environment variable that holds 
 
 from __future__ import annotations
 
+import os
 import re
 from datetime import date
 from pathlib import Path
@@ -177,7 +178,7 @@ class SiteConfig(Strict):
 
 class DaskConfig(Strict):
     scheduler: str | None = None
-    workers: int = Field(default=2, ge=1)
+    workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)  # one per core
     threads_per_worker: int = Field(default=1, ge=1)
     # where a local cluster spills and keeps scratch (rows it holds carry source identifiers):
     # filled in as <work_dir>/scratch/dask, in the private zone
