@@ -164,32 +164,37 @@ def time_radrepo_cli(corpus: Path, scratch: Path) -> float:
     return seconds
 
 
-def radrepo_index(corpus: Path, work: Path):
+def radrepo_units(corpus: Path, work: Path):
+    """The corpus as the one pass takes it: discovered (names and sizes), in work units."""
+    from flows.one_pass import work_units
     from schemas.config import SiteConfig
-    from tasks import ingest
+    from tasks import discovery
 
     site = SiteConfig(site_id="bench", source={"kind": "folder", "path": str(corpus)})
-    [batch] = ingest.discover_batches(site, str(work), set())
-    return ingest.ingest_batch(batch, site.source, str(work)).index
+    [batch] = discovery.discover_batches(site, str(work), set())
+    return work_units(batch, site.source, str(work))
 
 
-def time_radrepo_step(index, client, scratch: Path) -> float:
-    from tasks.deidentify import DeidContext, PseudonymKeys, deidentify_batch
+def time_radrepo_step(units, client, scratch: Path) -> float:
+    """The one pass on the cluster: each file read, de-identified, gated and written once."""
+    from flows.one_pass import PassContext, read_batch
+    from tasks.deidentify import DeidContext, PseudonymKeys
 
     out = fresh(scratch / "radrepo")
-    ctx = DeidContext(PseudonymKeys(b"benchmark-secret-0001"), "bench", OPTIONS, {}, str(out))
+    ctx = PassContext(DeidContext(PseudonymKeys(b"benchmark-secret-0001"), "bench", OPTIONS, {}),
+                      str(out / "deidentified"), str(out / "quarantine"))
     start = time.perf_counter()
-    table = deidentify_batch(index, ctx, str(scratch / "identifiers.parquet"), client)
+    done = read_batch(units, ctx, client)
     seconds = time.perf_counter() - start
-    if table.num_rows != index.num_rows or "quarantined" in table.column("status").to_pylist():
+    if done.index.num_rows != CT_FILES + XR_FILES or done.quarantine.num_rows:
         raise RuntimeError("radrepo quarantined benchmark files")
     return seconds
 
 
 def time_site_batch(corpus: Path, scratch: Path, scheduler: str) -> float:
-    from flows.site_batch import site_batch
+    from flows.site_batch import site_batch, without_heartbeat
     from schemas.config import parse_config
-    from tasks import ingest
+    from tasks import discovery, ledger
 
     base = fresh(scratch / "site_batch")
     config = parse_config({
@@ -197,10 +202,11 @@ def time_site_batch(corpus: Path, scratch: Path, scheduler: str) -> float:
         "dask": {"scheduler": scheduler},
         "sites": [{"site_id": "bench", "source": {"kind": "folder", "path": str(corpus)}}],
     }, base)
-    [batch] = ingest.discover_batches(config.sites[0], config.work_dir, set())
-    ingest.save_pending(batch, config.work_dir)
+    [batch] = discovery.discover_batches(config.sites[0], config.work_dir, set())
+    ledger.save_pending(batch, config.work_dir)
     start = time.perf_counter()
-    summary = site_batch(config, "bench", batch.batch_id, scheduler=scheduler)
+    with without_heartbeat():  # as the nightly flow runs it
+        summary = site_batch(config, "bench", batch.batch_id, scheduler=scheduler)
     seconds = time.perf_counter() - start
     if summary["files_in"] != CT_FILES + XR_FILES:
         raise RuntimeError(f"site_batch saw {summary['files_in']} files")
@@ -275,7 +281,7 @@ def main() -> None:
     # each run returns its clocks by label: pixelmed's one command gives two
     runs: list[Callable[[], dict[str, float]]] = [
         one_clock("cp -r", lambda: time_cp(corpus, scratch))]
-    index = radrepo_index(corpus, fresh(scratch / "index-work"))
+    units = radrepo_units(corpus, fresh(scratch / "index-work"))
     with ExitStack() as stack:
         clusters = {}
         for workers in (1, 2):
@@ -284,7 +290,7 @@ def main() -> None:
         stack.enter_context(prefect_test_harness(server_startup_timeout=120))
         for workers, (_, client) in clusters.items():
             label = f"radrepo deidentify, {workers} worker{'s' if workers > 1 else ''}"
-            runs.append(one_clock(label, lambda c=client: time_radrepo_step(index, c, scratch)))
+            runs.append(one_clock(label, lambda c=client: time_radrepo_step(units, c, scratch)))
         address = clusters[2][0].scheduler_address
         runs.append(one_clock("site_batch (whole flow, 2 workers)",
                               lambda: time_site_batch(corpus, scratch, address)))

@@ -19,13 +19,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = {  # module: functions site_batch calls through it
-    "tasks.ingest": ["ingest_batch"],
-    "flows.site_batch": ["deidentify_batch", "contact_sheet"],
+    "flows.site_batch": ["work_units", "read_batch", "contact_sheet"],
     "tasks.qc": ["evaluate_qc"],
     "tasks.clinical": ["join_clinical"],
     "tasks.dedupe": ["find_duplicates"],
-    "tasks.catalog": ["assemble_catalog"],
-    "tasks.verify": ["scan_outputs"],
+    "tasks.catalog": ["decide", "assemble_catalog"],
+    "tasks.verify": ["scan_table", "scan_report"],
     "tasks.publish": ["publish_batch", "refresh_catalog_db"],
 }
 

@@ -7,7 +7,7 @@ import os
 import secrets
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -348,7 +348,6 @@ def deidentify(
         "RADREPO_SECRET"),
 ) -> None:
     """De-identify one folder with the pipeline's profile; exit 1 if anything was quarantined."""
-    from flows.cluster import forked_workers
     from flows.deidentify_folder import deidentify_folder
     from flows.secret import SecretError, keys_from_env
     from schemas.config import DeidConfig
@@ -361,9 +360,7 @@ def deidentify(
         options = tuple(option) if option else DeidConfig().options
         load_profile(options)
         keys = keys_from_env(secret_env)
-        # the workers' server boots while the folder is indexed
-        with forked_workers(("tasks.deidentify",)) if workers > 1 else nullcontext():
-            result = deidentify_folder(in_dir, out_dir, site_id, options, keys, workers)
+        result = deidentify_folder(in_dir, out_dir, site_id, options, keys, workers)
     except (SecretError, ValueError) as err:
         _fail(str(err), 2)
     except LeakFound as err:

@@ -1,8 +1,9 @@
 """``radrepo deidentify``: clean one export folder now, with the pipeline's own profile and gate.
 
-No Prefect and no catalog: the flow's one pass over the folder (zips included; on Dask workers
-when asked) writes into a private temporary area, each file the gate still finds an identifier
-in quarantined, then the others move into ``OUT/<patient>/<study>/<series>/<sop>.dcm``.
+No Prefect and no catalog: the flow's one pass over the folder (zips included; one Dask worker
+process per core by default, forked from this one so none imports anything again) writes into
+a private temporary area, each file the gate still finds an identifier in quarantined, then the
+others move into ``OUT/<patient>/<study>/<series>/<sop>.dcm``.
 """
 
 from __future__ import annotations
@@ -10,15 +11,13 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections import Counter
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.compute as pc
 
-from flows.cluster import dask_client
 from flows.one_pass import PassContext, read_batch, work_units
-from schemas.config import DaskConfig, SiteConfig
+from schemas.config import SiteConfig
 from schemas.pipeline import OK
 from tasks import discovery, verify
 from tasks.deidentify import DeidContext, PseudonymKeys
@@ -48,11 +47,7 @@ def deidentify_folder(in_dir: Path, out_dir: Path, site_id: str, options: tuple[
                                            remap={}),
                           out_dir=str(Path(private) / "deidentified"),
                           quarantine_dir=str(Path(private) / "quarantine"), thumbnails=False)
-        scratch = str(Path(private) / "scratch")  # spilled rows hold source identifiers
-        cluster = (dask_client(DaskConfig(workers=workers, local_directory=scratch))
-                   if workers > 1 else nullcontext())
-        with cluster as client:
-            done = read_batch(units, ctx, client)
+        done = read_batch(units, ctx, workers=workers)
         matcher = IdentifierMatcher(done.identifiers)
         table = done.deidentified
         placed = [(r["output_path"], f"{r['patient_id']}/{r['study_uid']}/{r['series_uid']}/"

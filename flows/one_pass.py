@@ -262,17 +262,14 @@ def work_units(batch: BatchRef, source: SourceConfig, work_dir: str) -> list[sou
 
 
 def read_batch(units: list[sources.WorkUnit], ctx: PassContext, client=None,
-               files_done: Callable[[int], None] | None = None) -> BatchPass:
-    """Run the one pass over every unit (on Dask workers when ``client``), then quarantine
-    each output holding an identifier met in another unit of the batch."""
+               files_done: Callable[[int], None] | None = None, workers: int = 1) -> BatchPass:
+    """Run the one pass over every unit, then quarantine each output holding an identifier
+    met in another unit of the batch. Units run on the cluster of a distributed ``client``;
+    without one, on ``workers`` processes of Dask's local scheduler (forked, so each starts
+    with this process's imports done) or, with one worker, here."""
     Path(ctx.out_dir).mkdir(parents=True, exist_ok=True)
     tell = files_done or (lambda n: None)
-    if client is None:
-        results = []
-        for unit in units:
-            results.append(process_unit(unit, ctx))
-            tell(len(results[-1].index))
-    else:
+    if client is not None:
         from distributed import as_completed
 
         [ctx_future] = client.scatter([ctx], broadcast=True)
@@ -280,7 +277,30 @@ def read_batch(units: list[sources.WorkUnit], ctx: PassContext, client=None,
         for future in as_completed(futures):
             tell(len(future.result().index))
         results = client.gather(futures)
+    elif workers > 1 and len(units) > 1:
+        results = _on_local_processes(units, ctx, workers)
+        tell(sum(len(r.index) for r in results))
+    else:
+        results = []
+        for unit in units:
+            results.append(process_unit(unit, ctx))
+            tell(len(results[-1].index))
     return _assembled(results, ctx)
+
+
+def _on_local_processes(units: list[sources.WorkUnit], ctx: PassContext,
+                        workers: int) -> list[UnitResult]:
+    """``process_unit`` over the units on a pool of ``workers`` processes, by Dask's local
+    multiprocessing scheduler. A pool forked from a process running other threads could
+    inherit a lock held mid-way: then the processes start afresh (spawned) instead."""
+    import threading
+
+    import dask
+
+    method = "fork" if threading.active_count() == 1 else "spawn"
+    tasks = [dask.delayed(process_unit, pure=False)(unit, ctx) for unit in units]
+    with dask.config.set({"multiprocessing.context": method}):
+        return list(dask.compute(*tasks, scheduler="processes", num_workers=workers))
 
 
 def _assembled(results: list[UnitResult], ctx: PassContext) -> BatchPass:

@@ -19,7 +19,6 @@ from typing import BinaryIO
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
-from pydicom.datadict import keyword_for_tag
 from pydicom.uid import UID_dictionary
 
 from tasks.deidentify.dataset import DUMMY_BY_VR
@@ -330,7 +329,7 @@ def _against_profile(r, text, profile: Profile) -> str | None:
         return None
     if private and profile.private_action == "X":
         return "private element present"
-    if not private and (tag & 0xFFFF) and group != 0xFFFE and keyword_for_tag(tag) == "":
+    if not private and (tag & 0xFFFF) and group != 0xFFFE and name_of(tag).startswith("("):
         return "public element the dictionary does not know"
     if r.vr == b"UI":
         for uid in text(r).split("\\"):

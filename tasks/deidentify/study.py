@@ -201,7 +201,7 @@ def rewrite_source(src: ParsedSource, ctx: DeidContext, profile, uid_map,
         "has_pixels": pixels is not None,
         "size_bytes": sum(len(c) for c in chunks),
         "sha256": digest.hexdigest(),
-        "pixel_sha256": hashlib.sha256(pixels).hexdigest() if pixels is not None else None,
+        "pixel_sha256": src.pixel_sha256 if pixels is not None else None,  # the same bytes
         "exam_key": (ctx.keys.opaque("exam", ctx.site_id, exam["exam_id"])
                      if exam.get("exam_id") else None),
         "exam_time": _shift_exam_time(exam.get("exam_time"), offset),

@@ -55,6 +55,7 @@ ID_TAGS = frozenset({
 META_AE_TAGS = frozenset({0x00020016, 0x00020017, 0x00020018})  # source, sending, receiving AE
 
 
+@lru_cache(maxsize=16384)
 def name_of(tag: int) -> str:
     """An element's keyword, or its tag when the dictionary has none."""
     return keyword_for_tag(tag) or f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
