@@ -3,32 +3,14 @@
 from __future__ import annotations
 
 import logging
-import multiprocessing
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from multiprocessing import forkserver
 from pathlib import Path
 
 import dask
 from distributed import Client, LocalCluster
 
 from schemas.config import DaskConfig
-
-
-@contextmanager
-def forked_workers(preload: tuple[str, ...] = ()) -> Iterator[None]:
-    """Meanwhile local workers fork from one single-threaded server process, started now, that
-    imports ``distributed`` and ``preload`` while the caller does other work: each worker starts
-    with its imports done, not as a fresh interpreter importing everything again. The server
-    runs in the environment Dask sets for a worker it spawns (thread counts, malloc trim, hash
-    seed) and lives until this process ends."""
-    env = {k: str(v) for k, v in dask.config.get("distributed.nanny.pre-spawn-environ").items()}
-    os.environ.update({"PYTHONHASHSEED": "6640", **env})  # as a Nanny does before it spawns
-    multiprocessing.get_context("forkserver").set_forkserver_preload(["distributed", *preload])
-    forkserver.ensure_running()
-    with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
-        yield
 
 
 def local_cluster(workers: int, threads_per_worker: int = 1,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 from flows.cluster import local_cluster
@@ -53,17 +52,3 @@ def test_a_run_s_local_cluster_spills_into_the_work_folder_only(tmp_path):
     assert spilled, "nothing was spilled into the scratch folder"
     assert not {p for p in set(Path(tempfile.gettempdir()).iterdir()) - before
                 if p.name.startswith("dask-scratch")}
-
-
-def test_forked_workers_come_from_the_server_on_loopback_with_dask_s_worker_environment():
-    from flows.cluster import forked_workers
-
-    with forked_workers(("tasks.deidentify",)), local_cluster(1) as cluster, \
-            cluster.get_client() as client:
-        [(pid, parent, threads, preloaded)] = client.run(lambda: (
-            os.getpid(), os.getppid(), os.environ.get("OMP_NUM_THREADS"),
-            "tasks.deidentify" in sys.modules)).values()
-        addresses = listening_addresses(pid)
-    assert parent != os.getpid()  # forked by the server, not by this threaded process
-    assert preloaded and threads == "1"
-    assert addresses and all(a.split(":")[0] in LOOPBACK for a in addresses)
