@@ -11,7 +11,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
-import duckdb
 import typer
 import yaml
 from rich.console import Console
@@ -316,6 +315,8 @@ def query(
 
     An s3:// release is read with the standard AWS environment variables (AWS_ENDPOINT_URL
     for a non-AWS endpoint)."""
+    import duckdb
+
     from tasks.catalog_query import NoCatalog, open_catalog
     from tasks.frozen import FrozenReleaseError, open_frozen
     from tasks.zones import Release
@@ -728,6 +729,8 @@ def demo(
     except (ConfigError, SecretError) as err:
         _fail(str(err), 2)
     print_summaries(summaries)
+    import duckdb
+
     release = folder / "release"
     with duckdb.connect(str(release / "catalog.duckdb"), read_only=True) as con:
         sql = ("SELECT site_id, status, count(*) AS studies, sum(n_instances) AS files, "

@@ -14,8 +14,6 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow.compute as pc
-
 from flows.one_pass import PassContext, read_batch, work_units
 from schemas.config import SiteConfig
 from schemas.pipeline import OK
@@ -52,7 +50,7 @@ def deidentify_folder(in_dir: Path, out_dir: Path, site_id: str, options: tuple[
         table = done.deidentified
         placed = [(r["output_path"], f"{r['patient_id']}/{r['study_uid']}/{r['series_uid']}/"
                    f"{r['sop_uid']}.dcm")
-                  for r in table.filter(pc.equal(table["status"], OK)).to_pylist()]
+                  for r in table.to_pylist() if r["status"] == OK]
         verify.raise_if_found(verify.scan_names([rel for _, rel in placed], matcher))
         targets = dict((rel, path) for path, rel in placed)  # same SOP UID: one file
         for rel, path in targets.items():

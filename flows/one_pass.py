@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from schemas.config import PACS_KINDS, SourceConfig
 from schemas.pipeline import DEIDENTIFIED, OK, QUARANTINE, QUARANTINED, SOURCE_INDEX
-from tasks import dedupe, indexing, retrieval, sources, verify
+from tasks import dedupe, indexing, sources, verify
 from tasks.contact_sheet import thumbnail_png
 from tasks.deidentify import DeidContext, ParsedSource, Quarantine, parse_source, rewrite_source
 from tasks.deidentify.profile import load_profile
@@ -254,6 +254,8 @@ def work_units(batch: BatchRef, source: SourceConfig, work_dir: str) -> list[sou
     """What the one pass takes of a batch: a PACS batch's studies retrieved whole into the
     private zone, else the source's objects grouped into units (nothing opened)."""
     if source.kind in PACS_KINDS:
+        from tasks import retrieval  # the PACS clients: imported only where a PACS is read
+
         return retrieval.retrieve_batch(batch, source, WorkDir(work_dir, batch.site_id))
     objects = [sources.UnitObject(o.key, o.size, o.problem) for o in batch.objects]
     if source.kind == "zip_batches":

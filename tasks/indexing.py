@@ -27,7 +27,8 @@ from tasks.sources import UnitObject, Unusable, WorkUnit, open_source, unreadabl
 
 MAX_MEMBER_BYTES = 4 << 30
 MAX_COMPRESSION_RATIO = 200
-UNIT_FILES = 64  # files of a folder source one task takes at most
+UNIT_FILES = 32  # files of a folder source one task takes at most
+UNIT_BYTES = 32 << 20  # and bytes
 ZIP_NAME = re.compile(
     r"^(?P<patient>[^_]+)_(?P<time>\d{8}-\d{6})_(?P<exam>[^_]+)_(?P<description>.+)\.zip$",
     re.IGNORECASE,
@@ -64,16 +65,25 @@ def exam_of(zip_key: str) -> dict:
 
 
 def folder_units(root: str, objects: list[UnitObject], storage_options: dict,
-                 max_files: int = UNIT_FILES) -> list[WorkUnit]:
-    """Files of a folder source in units of at most ``max_files``, one folder's files together
-    (a study's files usually share one)."""
+                 max_files: int = UNIT_FILES, max_bytes: int = UNIT_BYTES) -> list[WorkUnit]:
+    """Files of a folder source in units of at most ``max_files`` files and ``max_bytes``
+    (one bigger file alone), one folder's files together (a study's files usually share one):
+    small enough that the workers share a batch evenly and hold little at a time."""
     by_folder: dict[str, list[UnitObject]] = {}
     for obj in objects:
         by_folder.setdefault(str(PurePosixPath(obj.key).parent), []).append(obj)
     units = []
     for files in by_folder.values():
-        for i in range(0, len(files), max_files):
-            units.append(WorkUnit(root, tuple(files[i:i + max_files]), storage_options))
+        unit: list[UnitObject] = []
+        size = 0
+        for obj in files:
+            if unit and (len(unit) == max_files or size + obj.size > max_bytes):
+                units.append(WorkUnit(root, tuple(unit), storage_options))
+                unit, size = [], 0
+            unit.append(obj)
+            size += obj.size
+        if unit:
+            units.append(WorkUnit(root, tuple(unit), storage_options))
     return units
 
 
