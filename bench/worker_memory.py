@@ -7,9 +7,9 @@ Builds (once, cached under ``--out``) a batch of small CT slices, every one a di
 instance with its own pixels, cut from one ``radrepo synth`` slice: one large study of 15% of
 the files and studies of 500 slices for the rest. The quarter batch is the large study and
 as many 500-slice studies as make a quarter. Runs ``radrepo deidentify`` (the console script,
-default workers) on each and samples every process it starts; a Dask worker is a child that
-listens on TCP (the forkserver and the resource tracker do not). Peak RSS is the kernel's
-high-water mark (VmHWM), read until the process ends. Writes ``worker-memory.md``.
+default workers) on each and samples every process it starts; a Dask worker is a child forked
+from it (the resource tracker is not). Peak RSS is the kernel's high-water mark (VmHWM), read
+until the process ends. Writes ``worker-memory.md``.
 """
 
 from __future__ import annotations
@@ -125,9 +125,11 @@ def vm_hwm_mb(pid: int) -> float | None:
     return int(line.split()[1]) / 1024 if line else None
 
 
-def listens_on_tcp(proc: psutil.Process) -> bool:
+def forked_from(proc: psutil.Process, root: psutil.Process) -> bool:
+    """Whether ``proc`` is a fork of ``root`` (a worker of Dask's local scheduler runs the
+    command radrepo runs; multiprocessing's resource tracker is a fresh interpreter)."""
     try:
-        return any(c.status == psutil.CONN_LISTEN for c in proc.net_connections("tcp"))
+        return proc.cmdline() == root.cmdline()
     except psutil.Error:
         return False
 
@@ -157,7 +159,7 @@ def measure(folder: Path, scratch: Path) -> Run:
             peak = vm_hwm_mb(p.pid)
             if peak is not None:
                 peaks[p.pid] = max(peak, peaks.get(p.pid, 0.0))
-            if p.pid != root.pid and p.pid not in workers and listens_on_tcp(p):
+            if p.pid != root.pid and p.pid not in workers and forked_from(p, root):
                 workers.add(p.pid)
         time.sleep(SAMPLE_SECONDS)
     seconds = time.perf_counter() - start

@@ -142,10 +142,11 @@ def _run_nightly(config: RadrepoConfig, config_path: Path | None, sites: list[st
                  batches: list[str] | None, force: bool, rekey: bool = False) -> list[dict]:
     from flows.nightly import nightly
     from flows.progress import progress_bars
+    from flows.site_batch import without_heartbeat
 
     _check_key(config, rekey)
     start_temporary_prefect_server()
-    with progress_bars(console, len(sites or config.sites)):
+    with progress_bars(console, len(sites or config.sites)), without_heartbeat():
         return nightly(config_path or config, sites=sites, batches=batches, force=force)
 
 

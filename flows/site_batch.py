@@ -178,9 +178,10 @@ def publish_step(release: Release, site_id: str, batch_id: str,
 
 @contextmanager
 def without_heartbeat() -> Iterator[None]:
-    """Flow runs started meanwhile send no heartbeats of their own: a ``site_batch`` runs
-    inside its caller's process (whose flow run keeps beating), and Prefect's heartbeat
-    thread holds every flow run's end for up to a second."""
+    """Flow runs started meanwhile send no heartbeats of their own, for Prefect's heartbeat
+    thread holds every flow run's end for up to a second: a ``site_batch`` runs inside its
+    caller's process (a deployment's run keeps beating), and a command-line run has no worker
+    to watch it (a killed one is repaired by the next run, whatever Prefect says of it)."""
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         yield
 
