@@ -66,7 +66,10 @@ def main() -> None:
     spent: dict[str, float] = defaultdict(float)
     time_steps(spent)
     rounds: list[dict[str, float]] = []
-    with prefect_test_harness(server_startup_timeout=120), local_cluster(2) as cluster:
+    from flows.site_batch import without_heartbeat
+
+    with prefect_test_harness(server_startup_timeout=120), local_cluster(2) as cluster, \
+            without_heartbeat():  # as the nightly flow runs site_batch
         for n in range(args.rounds + 1):
             spent.clear()
             total = time_site_batch(corpus, args.out / "scratch", cluster.scheduler_address)

@@ -98,8 +98,8 @@ def run_site(config_path: str, config: RadrepoConfig, site_id: str, wanted: Want
     if progress.current():
         progress.current().discovered(len(plan))
     summaries = []
-    for batch_id in plan:
-        with without_heartbeat():
+    with without_heartbeat():
+        for batch_id in plan:
             summaries.append(site_batch.with_options(flow_run_name=f"{site_id}/{batch_id}")(
                 config_path, site_id, batch_id, force=force, scheduler=cluster.address()))
     return summaries

@@ -102,6 +102,10 @@ def process_unit(unit: sources.WorkUnit, ctx: PassContext) -> UnitResult:
         except Quarantine as q:
             _refuse(result, unit, read, oid, q.reason, read.data, ctx)
             continue
+        except Exception as err:  # noqa: BLE001 - any failure quarantines this file only
+            _refuse(result, unit, read, oid, f"unreadable DICOM ({type(err).__name__})",
+                    read.data, ctx)
+            continue
         result.identifiers.update(source.patient.identifiers)
         row = _index_row(unit, read, oid, OK, None, source.header)
         result.index.append(row)
@@ -125,15 +129,12 @@ def process_unit(unit: sources.WorkUnit, ctx: PassContext) -> UnitResult:
             _quarantined(result, key, oid, f"cannot de-identify ({type(err).__name__})")
             continue
         data = b"".join(out.chunks)
-        findings, scan = verify.gate(data, oid, None, profile)
-        hits = sorted({f.element for f in findings}
-                      | set(scan.holding(prior) if scan else ())
-                      | set(scan.holding(unit_matcher) if scan else ()))
+        hits, scan = _gate(data, oid, profile, (prior, unit_matcher))
         if hits:
             _keep_copy(oid, read.data, ctx)
             _quarantined(result, key, oid, "gate: " + ", ".join(hits))
             continue
-        for value in scan.values:
+        for value in scan.values:  # what the batch-wide check searches
             result.values.setdefault(value, []).append(oid)
         row = {**out.row, "object_id": oid, "output_path": str(Path(ctx.out_dir) / f"{oid}.dcm")}
         result.deidentified.append(row)
@@ -147,6 +148,21 @@ def process_unit(unit: sources.WorkUnit, ctx: PassContext) -> UnitResult:
         with open(row["output_path"], "wb") as out_file:
             out_file.write(data)
     return result
+
+
+def _gate(data: bytes, oid: str, profile, matchers: tuple[IdentifierMatcher, ...],
+          ) -> tuple[list[str], verify.OutputScan | None]:
+    """The elements the gate finds wrong in an output (its structure, or an identifier of
+    ``matchers``), and its parse; an output the gate cannot read is wrong as a whole."""
+    try:
+        findings, scan = verify.gate(data, oid, None, profile)
+        hits = {f.element for f in findings}
+        if scan is not None:
+            for matcher in matchers:
+                hits.update(scan.holding(matcher))
+    except Exception:  # noqa: BLE001 - a file the gate cannot judge is not published
+        return ["(unreadable output)"], None
+    return sorted(hits), scan
 
 
 def _part_fields(read: indexing.SourceRead, source: ParsedSource) -> dict:
