@@ -11,6 +11,7 @@ another unit of the batch) is checked on the values the units return, in ``read_
 from __future__ import annotations
 
 import functools
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,6 +211,16 @@ def _keep_copy(oid: str, data: bytes | None, ctx: PassContext) -> None:
     (folder / oid).write_bytes(data)
 
 
+def _keep_source_copy(oid: str, local_path: str | None, ctx: PassContext) -> None:
+    """A quarantined object's bytes, copied from its local source file: for a file refused
+    after its unit ended (its bytes no longer in memory; a zip member or an object store's
+    is recorded without the copy)."""
+    if local_path:
+        folder = Path(ctx.quarantine_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(local_path, folder / oid)
+
+
 def _refuse(result: UnitResult, unit: sources.WorkUnit, read: indexing.SourceRead, oid: str,
             reason: str, data: bytes | None, ctx: PassContext) -> None:
     """An object refused before de-identification: at ingest when it is no DICOM image to
@@ -334,6 +345,7 @@ def _assembled(results: list[UnitResult], ctx: PassContext) -> BatchPass:
         row["seq"] = seq_of[row["object_id"]]
         if row["object_id"] in late and row["status"] == OK:
             Path(row["output_path"]).unlink(missing_ok=True)
+            _keep_source_copy(row["object_id"], index[row["seq"]]["staged_path"], ctx)
             reason = "gate: " + ", ".join(sorted(late[row["object_id"]]))
             deidentified[i] = {"seq": row["seq"], "object_id": row["object_id"],
                                "status": QUARANTINED, "reason": reason}

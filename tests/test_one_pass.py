@@ -170,5 +170,6 @@ def test_another_patients_name_in_a_kept_value_quarantines_the_file(tmp_path, ap
     bad = rows[seq[second.relative_to(src).as_posix()]]
     assert (bad["status"], bad["reason"]) == ("quarantined", "gate: ManufacturerModelName")
     assert not (tmp_path / "out" / f"{bad['object_id']}.dcm").exists()
+    assert (tmp_path / "quarantine" / bad["object_id"]).read_bytes() == second.read_bytes()
     assert rows[seq["one/a.dcm"]]["status"] == "ok"
     assert [r["reason"] for r in done.quarantine.to_pylist()] == [bad["reason"]]
