@@ -192,8 +192,8 @@ def _index_row(unit: sources.WorkUnit, read: indexing.SourceRead, oid: str, stat
                reason: str | None, header: dict | None) -> dict:
     header = header or {}
     key = read.key
-    if unit.keyed_by_sop:  # a PACS study's file: known by study and SOP UID, as the ledger
-        key = f"{unit.keyed_by_sop}/{header.get('sop_uid') or read.key}"
+    if unit.keyed_by_sop and header.get("sop_uid"):  # by study and SOP UID, as the ledger
+        key = f"{unit.keyed_by_sop}/{header['sop_uid']}"
     return {"object_id": oid, "key": key, "staged_path": read.local_path, "size": read.size,
             "sha256": read.sha256, "status": status, "reason": reason,
             **{k: header.get(k) for k in ("patient_id", "study_uid", "series_uid", "sop_uid",

@@ -16,7 +16,7 @@ import re
 import zipfile
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import PurePosixPath
 from typing import BinaryIO
 
@@ -99,14 +99,18 @@ def zip_units(root: str, objects: list[UnitObject], storage_options: dict) -> li
 
 
 def read_unit(unit: WorkUnit) -> Iterator[SourceRead]:
-    """Every object of ``unit`` read once, in order; a zip archive yields its members."""
+    """Every object of ``unit`` read once, in order; a zip archive yields its members. A PACS
+    study's files are keyed ``<study uid>/<file>``: file names repeat from study to study."""
     fs, root = fsspec.core.url_to_fs(unit.root, **unit.storage_options)
     root = root.rstrip("/") or "/"
     for obj in unit.objects:
         if obj.problem:
-            yield SourceRead(obj.key, None, obj.size, None, obj.problem)
-            continue
-        yield from _read_object(fs, root, obj)
+            reads = [SourceRead(obj.key, None, obj.size, None, obj.problem)]
+        else:
+            reads = _read_object(fs, root, obj)
+        for read in reads:
+            yield (replace(read, key=f"{unit.keyed_by_sop}/{read.key}") if unit.keyed_by_sop
+                   else read)
 
 
 def _read_object(fs, root: str, obj: UnitObject) -> Iterator[SourceRead]:

@@ -173,3 +173,23 @@ def test_another_patients_name_in_a_kept_value_quarantines_the_file(tmp_path, ap
     assert (tmp_path / "quarantine" / bad["object_id"]).read_bytes() == second.read_bytes()
     assert rows[seq["one/a.dcm"]]["status"] == "ok"
     assert [r["reason"] for r in done.quarantine.to_pylist()] == [bad["reason"]]
+
+
+def test_files_named_alike_in_two_pacs_studies_stay_apart(tmp_path):
+    """A DICOMweb retrieval names each study's files 000000.dcm, 000001.dcm...: the two
+    studies' files must get their own object ids, outputs and rows."""
+    units = []
+    for n, study in enumerate(("1.2.77.61", "1.2.77.62")):
+        folder = tmp_path / "received" / f"s{n}"
+        folder.mkdir(parents=True)
+        _ct(folder / "000000.dcm", sop=f"{study}.1", study=study, mrn=f"PX-61{n}", pixel=n)
+        units.append(sources.WorkUnit(str(folder), (sources.UnitObject("000000.dcm"),),
+                                      keyed_by_sop=study))
+    done = read_batch(units, _context(tmp_path))
+    rows = done.deidentified.to_pylist()
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert len({r["object_id"] for r in rows}) == 2
+    assert all(Path(r["output_path"]).exists() for r in rows)
+    assert done.index.column("key").to_pylist() == ["1.2.77.61/1.2.77.61.1",
+                                                    "1.2.77.62/1.2.77.62.1"]
+    assert [r["seq"] for r in rows] == [0, 1]
