@@ -11,7 +11,6 @@ another unit of the batch) is checked on the values the units return, in ``read_
 from __future__ import annotations
 
 import functools
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,8 +168,8 @@ def _gate(data: bytes, oid: str, profile, matchers: tuple[IdentifierMatcher, ...
 def _part_fields(read: indexing.SourceRead, source: ParsedSource) -> dict:
     return {"study_uid": source.header["study_uid"] or "", "patient": source.patient.pseudonym,
             "exam_id": read.exam.get("exam_id"), "exam_time": read.exam.get("exam_time"),
-            "study_date": source.values.get(0x00080020), "study_time": source.header.get(
-                "study_time"), "pixel_sha256": source.pixel_sha256}
+            "study_date": source.header["study_date"],
+            "study_time": source.header["study_time"], "pixel_sha256": source.pixel_sha256}
 
 
 def _uid_map(deid: DeidContext, targets: dict[str, str],
@@ -209,16 +208,6 @@ def _keep_copy(oid: str, data: bytes | None, ctx: PassContext) -> None:
     folder = Path(ctx.quarantine_dir)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / oid).write_bytes(data)
-
-
-def _keep_source_copy(oid: str, local_path: str | None, ctx: PassContext) -> None:
-    """A quarantined object's bytes, copied from its local source file: for a file refused
-    after its unit ended (its bytes no longer in memory; a zip member or an object store's
-    is recorded without the copy)."""
-    if local_path:
-        folder = Path(ctx.quarantine_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(local_path, folder / oid)
 
 
 def _refuse(result: UnitResult, unit: sources.WorkUnit, read: indexing.SourceRead, oid: str,
@@ -345,7 +334,8 @@ def _assembled(results: list[UnitResult], ctx: PassContext) -> BatchPass:
         row["seq"] = seq_of[row["object_id"]]
         if row["object_id"] in late and row["status"] == OK:
             Path(row["output_path"]).unlink(missing_ok=True)
-            _keep_source_copy(row["object_id"], index[row["seq"]]["staged_path"], ctx)
+            local = index[row["seq"]]["staged_path"]  # read again: its unit has ended
+            _keep_copy(row["object_id"], Path(local).read_bytes() if local else None, ctx)
             reason = "gate: " + ", ".join(sorted(late[row["object_id"]]))
             deidentified[i] = {"seq": row["seq"], "object_id": row["object_id"],
                                "status": QUARANTINED, "reason": reason}
