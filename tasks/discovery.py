@@ -158,12 +158,18 @@ def discover_batches(site: SiteConfig, work_dir: str, published: set[str],
     skipped = 0
     for key, info in files.items():
         seen = known.get(key)
-        if seen and seen["size"] == info["size"] and (
-                seen["mtime_ns"] == _mtime_ns(info) or _same_bytes(fs, root, key, seen)):
-            skipped += 1
-            continue
+        digest = None
+        if seen and seen["size"] == info["size"]:
+            if seen["mtime_ns"] == _mtime_ns(info):
+                skipped += 1
+                continue
+            # a touched file (same size, other time) is the one discovery reads: unchanged
+            # bytes are skipped, changed ones name the batch they join by their hash
+            digest = _hash_of(fs, root, key)
+            if digest is not None and digest == seen["sha256"]:
+                skipped += 1
+                continue
         problem = info.get("problem")
-        digest = seen.get("digest") if seen else None
         new.append(SourceObject(key, info["size"], _mtime_ns(info), digest, problem))
         # named by what discovery knows of the objects (never their times), so one listing
         # gives one id wherever the files are kept
@@ -331,19 +337,17 @@ def _new_batch(site: SiteConfig, root: str, new: list[SourceObject], fingerprint
                      pacs=pacs_batch)]
 
 
-def _same_bytes(fs, root: str, key: str, seen: dict) -> bool:
-    """Whether a file the ledger knows, touched since (same size, other time), still holds
-    the bytes it recorded: the one case discovery reads a file (its hash is kept in
-    ``seen["digest"]``, to name the batch it joins if it changed)."""
+def _hash_of(fs, root: str, key: str) -> str | None:
+    """The SHA-256 of a source file's bytes; None when it cannot be read (then it is taken
+    again, to be quarantined with its reason)."""
     try:
         with sources.open_source(fs, root, key) as fh:
             digest = hashlib.sha256()
             while block := fh.read(1 << 20):
                 digest.update(block)
     except (sources.Unusable, OSError):
-        return False
-    seen["digest"] = digest.hexdigest()
-    return seen["digest"] == seen["sha256"]
+        return None
+    return digest.hexdigest()
 
 
 def _ledger_rows(work_dir: str, site_id: str, published: set[str]) -> list[dict]:
