@@ -80,7 +80,9 @@ def save_pending(batch: BatchRef, work_dir: str) -> None:
     """Keep a discovered batch in the private zone so the run that takes it need not rescan."""
     path = WorkDir(work_dir, batch.site_id).pending(batch.batch_id)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(asdict(batch)))
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")  # a cut write leaves no half record
+    tmp.write_text(json.dumps(asdict(batch)))
+    os.replace(tmp, path)
 
 
 def load_pending(work_dir: str, site_id: str, batch_id: str) -> BatchRef | None:
