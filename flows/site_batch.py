@@ -117,12 +117,12 @@ def dedupe_step(deidentified: pa.Table, qc_result: qc.QcResult, joined: clinical
                 release: Release, site_id: str, batch_id: str,
                 merges: list[dict]) -> dedupe.DedupeResult:
     """Copies of other files, among what QC and the inclusion window keep."""
-    window = catalog.window_excluded(deidentified, joined.outside_window)
     published = publishing.read_published(release, "instances", site_id, batch_id,
                                           ["sop_uid", "sha256", "study_uid", "pixel_sha256"])
     studies = publishing.read_published(release, "studies", site_id, batch_id,
                                         ["study_uid", "patient_id", "study_date", "study_time"])
-    return dedupe.find_duplicates(deidentified, set(qc_result.excluded) | set(window),
+    return dedupe.find_duplicates(deidentified,
+                                  set(qc_result.excluded) | set(joined.files_outside),
                                   published, batch_id,
                                   dedupe.published_images(published, studies), merges)
 
@@ -130,8 +130,8 @@ def dedupe_step(deidentified: pa.Table, qc_result: qc.QcResult, joined: clinical
 @step(name="decide")
 def decide_step(index: pa.Table, deidentified: pa.Table, qc_result: qc.QcResult,
                 joined: clinical.ClinicalJoin, dups: dedupe.DedupeResult) -> pa.Table:
-    window = catalog.window_excluded(deidentified, joined.outside_window)
-    return catalog.decide(index, deidentified, qc_result.excluded, window, dups.excluded)
+    return catalog.decide(index, deidentified, qc_result.excluded, joined.files_outside,
+                          dups.excluded)
 
 
 @step(name="catalog")

@@ -53,13 +53,6 @@ def run_row(run_id: str, profile: str, started: datetime, counts: dict) -> pa.Ta
     }], schema=cat.RUNS)
 
 
-def window_excluded(deidentified: pa.Table, outside: dict[str, str]) -> dict[int, str]:
-    """seq -> reason for every file of a study outside its inclusion window."""
-    return {r["seq"]: outside[r["study_uid"]]
-            for r in deidentified.select(["seq", "study_uid"]).to_pylist()
-            if r["study_uid"] in outside}
-
-
 def decide(index: pa.Table, deidentified: pa.Table, qc_excluded: dict[int, str],
            window: dict[int, str], dup_excluded: dict[int, str]) -> pa.Table:
     """The batch's DECISIONS: one row per object that came in, saying at which stage it

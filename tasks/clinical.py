@@ -20,11 +20,13 @@ from schemas.pipeline import OK, STUDY_LINKS
 
 @dataclass(frozen=True)
 class ClinicalJoin:
-    """Study links, studies outside their window (study_uid -> reason) and the qc rows."""
+    """Study links, studies outside their window (study_uid -> reason), their files (seq ->
+    reason) and the qc rows."""
 
     links: pa.Table
     outside_window: dict[str, str]
     outcomes: pa.Table
+    files_outside: dict[int, str]
 
 
 def window_for(modalities: list[str], windows: dict[str, Window]) -> tuple[str, Window] | None:
@@ -82,6 +84,10 @@ def join_clinical(deidentified: pa.Table, patients: pa.Table,
             outcomes.append({"level": "study", "uid": study_uid, "study_uid": study_uid,
                              "rule": "inclusion_window",
                              "outcome": "excluded", "detail": f"{found[0]} study {detail}"})
+    files = {seq: outside[study] for seq, study in zip(
+        instances.column("seq").to_pylist(), instances.column("study_uid").to_pylist(),
+        strict=True) if study in outside}
     return ClinicalJoin(links=pa.Table.from_pylist(links, schema=STUDY_LINKS),
                         outside_window=outside,
-                        outcomes=pa.Table.from_pylist(outcomes, schema=QC))
+                        outcomes=pa.Table.from_pylist(outcomes, schema=QC),
+                        files_outside=files)
