@@ -27,9 +27,6 @@ from tasks.deidentify.text import IdentifierMatcher
 from tasks.ledger import BatchRef, site_identifiers
 from tasks.zones import WorkDir
 
-# what a source object is, rather than how it failed to de-identify: recorded at ingest
-INGEST_REASONS = ("not DICOM", "DICOMDIR index file (not an image)", "no SOP Instance UID")
-
 
 @dataclass(frozen=True)
 class PassContext:
@@ -95,16 +92,15 @@ def process_unit(unit: sources.WorkUnit, ctx: PassContext) -> UnitResult:
     for read in indexing.read_unit(unit):
         oid = indexing.object_id(read.key)
         if read.data is None:
-            _refuse(result, unit, read, oid, read.problem, None, ctx)
+            _refuse(result, unit, read, oid, read.problem, ctx, at_ingest=True)
             continue
         try:
             source = parse_source(read.data, ctx.deid)
         except Quarantine as q:
-            _refuse(result, unit, read, oid, q.reason, read.data, ctx)
+            _refuse(result, unit, read, oid, q.reason, ctx, at_ingest=q.not_an_image)
             continue
         except Exception as err:  # noqa: BLE001 - any failure quarantines this file only
-            _refuse(result, unit, read, oid, f"unreadable DICOM ({type(err).__name__})",
-                    read.data, ctx)
+            _refuse(result, unit, read, oid, f"unreadable DICOM ({type(err).__name__})", ctx)
             continue
         result.identifiers.update(source.patient.identifiers)
         row = _index_row(unit, read, oid, OK, None, source.header)
@@ -211,11 +207,11 @@ def _keep_copy(oid: str, data: bytes | None, ctx: PassContext) -> None:
 
 
 def _refuse(result: UnitResult, unit: sources.WorkUnit, read: indexing.SourceRead, oid: str,
-            reason: str, data: bytes | None, ctx: PassContext) -> None:
+            reason: str, ctx: PassContext, at_ingest: bool = False) -> None:
     """An object refused before de-identification: at ingest when it is no DICOM image to
     take (or cannot be read), else at de-identification."""
-    _keep_copy(oid, data, ctx)
-    if data is None or reason in INGEST_REASONS:
+    _keep_copy(oid, read.data, ctx)
+    if at_ingest:
         row = _index_row(unit, read, oid, QUARANTINED, reason, None)
         result.index.append(row)
         result.quarantine.append({"object_id": oid, "key": row["key"], "stage": "ingest",

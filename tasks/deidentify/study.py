@@ -74,11 +74,14 @@ class ParsedSource:
 
 
 class Quarantine(Exception):
-    """The object cannot be de-identified; the message is its reason (quoting no value)."""
+    """The object cannot be de-identified; the message is its reason (quoting no value).
+    ``not_an_image``: what the object is, not how its de-identification failed (it is
+    refused at ingest)."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, not_an_image: bool = False):
         super().__init__(reason)
         self.reason = reason
+        self.not_an_image = not_an_image
 
 
 def parse_source(data: bytes, ctx: DeidContext) -> ParsedSource:
@@ -95,14 +98,14 @@ def parse_source(data: bytes, ctx: DeidContext) -> ParsedSource:
     except TruncatedDataset:
         raise Quarantine(TRUNCATED) from None
     except InvalidDicomError:
-        raise Quarantine("not DICOM") from None
+        raise Quarantine("not DICOM", not_an_image=True) from None
     except Exception as err:  # noqa: BLE001
         raise Quarantine(f"unreadable DICOM ({type(err).__name__})") from None
     if _meta_value(buf, meta, MEDIA_STORAGE_SOP_CLASS) == DICOMDIR_CLASS:
-        raise Quarantine("DICOMDIR index file (not an image)")
+        raise Quarantine("DICOMDIR index file (not an image)", not_an_image=True)
     header = header_fields(buf, raws, encodings)
     if not header["sop_uid"]:
-        raise Quarantine("no SOP Instance UID")
+        raise Quarantine("no SOP Instance UID", not_an_image=True)
     source_pid = (values.get(PATIENT_ID) or "").strip()
     if not source_pid:
         raise Quarantine("no Patient ID")
