@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -131,10 +132,15 @@ def write_batch_records(work_dir: str, site_id: str, batch_id: str, index: pa.Ta
         listing.unlink(missing_ok=True)
 
 
+def identifier_values(paths: Iterable[Path]) -> tuple[str, ...]:
+    """The identifying values in the identifier lists at ``paths``, sorted, once each."""
+    values: set[str] = set()
+    for path in paths:
+        values.update(v for v in pq.read_table(path).column("value").to_pylist() if v)
+    return tuple(sorted(values))
+
+
 def site_identifiers(work_dir: str, site_id: str) -> tuple[str, ...]:
     """The identifying values met at the site so far, in every batch's list: what the gate
     on any one batch searches for (names met in another batch included)."""
-    values: set[str] = set()
-    for path in WorkDir(work_dir, site_id).identifier_files():
-        values.update(v for v in pq.read_table(path).column("value").to_pylist() if v)
-    return tuple(sorted(values))
+    return identifier_values(WorkDir(work_dir, site_id).identifier_files())

@@ -43,6 +43,7 @@ from tasks.deidentify.walk import (
     read_header,
     walk,
 )
+from tasks.ledger import identifier_values
 from tasks.zones import Release
 
 __all__ = ["IdentifierMatcher"]  # the gate's matcher is the cleaner's (tasks/deidentify/text.py)
@@ -399,11 +400,8 @@ def scan_release_files(release: Release, matcher: IdentifierMatcher | None,
 
 
 def read_identifiers(paths: Iterable[Path]) -> IdentifierMatcher:
-    """A matcher over the identifier files the de-identification step left in the private zone."""
-    values: set[str] = set()
-    for path in paths:
-        values.update(v for v in pq.read_table(path).column("value").to_pylist() if v)
-    return IdentifierMatcher(values)
+    """A matcher over the identifier files the one pass left in the private zone."""
+    return IdentifierMatcher(identifier_values(paths))
 
 
 def check_manifests(release: Release) -> tuple[int, list[Finding]]:
